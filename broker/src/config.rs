@@ -1,0 +1,267 @@
+//! The `[broker]` part of topics.toml.
+//!
+//! Every default lives in the one `Default` impl below; every key is typed (durations are
+//! strings like `"5s"`, sizes strings like `"256KiB"`), and unknown keys are errors.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::acl::AclConfig;
+
+/// Settings of the embedded broker.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT listener (3.1.1 and 5 on the same port).
+    pub listen: SocketAddr,
+    /// Optional MQTT-over-WebSocket listener (3.1.1 and 5, subprotocol `mqtt`).
+    pub websocket: Option<SocketAddr>,
+    /// Most client connections open at once; the next one gets a CONNACK refusal.
+    pub max_connections: usize,
+    /// Largest packet a client may send (remaining length), and largest payload forwarded.
+    pub max_payload: ByteSize,
+    /// Most distinct subscription filters over the broker's lifetime. rumqttd keeps a log per
+    /// filter forever, so this is the bound on that memory; beyond it SUBSCRIBE is refused.
+    pub max_filters: usize,
+    /// Size of one segment of a filter's in-memory log.
+    pub segment_size: ByteSize,
+    /// Segments per filter log: `segment_size × segment_count` is how far a subscriber may
+    /// fall behind before messages are skipped.
+    pub segment_count: usize,
+    /// Time a new connection has to send CONNECT (and finish a websocket handshake).
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A client that does not read for this long is disconnected.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// How often the retained stats record is published; `"0s"` turns it off.
+    #[serde(with = "duration")]
+    pub stats_interval: Duration,
+    /// How `$share/{group}/…` subscriptions pick a member: `round_robin`, `random` or `sticky`.
+    pub shared_strategy: SharedStrategy,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Per-topic access control.
+    pub acl: AclConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            websocket: None,
+            max_connections: 1024,
+            max_payload: ByteSize(256 * 1024),
+            max_filters: 4096,
+            segment_size: ByteSize(256 * 1024),
+            segment_count: 4,
+            connect_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(5),
+            shared_strategy: SharedStrategy::RoundRobin,
+            auth: AuthConfig::default(),
+            acl: AclConfig::default(),
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A password file in mosquitto's format (`mosquitto_passwd` and `edgebus passwd` write it).
+    pub password_file: Option<PathBuf>,
+    /// Who may connect without a username: `loopback` (clients on 127.0.0.0/8 and ::1 only),
+    /// `allow` (anyone) or `deny` (no one).
+    pub anonymous: Anonymous,
+}
+
+/// Policy for clients that connect without a username.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Anonymous {
+    /// Only clients connecting from a loopback address.
+    #[default]
+    Loopback,
+    /// Everyone.
+    Allow,
+    /// No one.
+    Deny,
+}
+
+/// Shared subscription strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Members take turns.
+    #[default]
+    RoundRobin,
+    /// A random member.
+    Random,
+    /// The same member while it stays subscribed.
+    Sticky,
+}
+
+/// A byte count, written in topics.toml as an integer or a string such as `"256KiB"` or `"1MB"`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// The size in bytes, as a `usize`.
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+
+    /// Parses `"256KiB"`, `"1 MB"`, `"4096"`, `"10B"`.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (expected e.g. \"256KiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+        };
+        Ok(ByteSize((num * mult as f64) as u64))
+    }
+}
+
+impl fmt::Debug for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b >= 1 << 20 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"256KiB\" or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Serde helpers for durations written as `"500ms"`, `"2s"`, `"1m 30s"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a duration as a humantime string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    /// Reads a duration from a humantime string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\""
+            ))
+        })
+    }
+}
+
+impl BrokerConfig {
+    /// Checks what serde cannot: relations between values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if self.max_payload.0 < 1024 {
+            return Err("max_payload must be at least 1KiB".into());
+        }
+        if self.segment_size.0 < 1024 {
+            return Err("segment_size must be at least 1KiB".into());
+        }
+        if self.segment_size < self.max_payload {
+            return Err(format!(
+                "segment_size ({}) must be at least max_payload ({})",
+                self.segment_size, self.max_payload
+            ));
+        }
+        if self.segment_count == 0 {
+            return Err("segment_count must be at least 1".into());
+        }
+        self.acl.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(ByteSize::parse("256KiB"), Ok(ByteSize(262_144)));
+        assert_eq!(ByteSize::parse("1 MB"), Ok(ByteSize(1_000_000)));
+        assert_eq!(ByteSize::parse("10"), Ok(ByteSize(10)));
+        assert!(ByteSize::parse("ten").is_err());
+        assert!(ByteSize::parse("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = BrokerConfig::default();
+        c.validate().expect("defaults validate");
+        let text = toml::to_string(&c).expect("serialize");
+        let back: BrokerConfig = toml::from_str(&text).expect("parse");
+        assert_eq!(back.max_payload, c.max_payload);
+        assert_eq!(back.connect_timeout, c.connect_timeout);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = toml::from_str::<BrokerConfig>("max_conections = 3").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+}

@@ -1,0 +1,287 @@
+//! edgebus-broker: an embedded MQTT 3.1.1 + 5 broker for small hosts.
+//!
+//! It keeps rumqttd's router (fast fan-in and fan-out, retained messages, QoS 0/1/2, shared
+//! subscriptions, persistent sessions) and replaces everything between the router and the
+//! socket with code that survives any client: one port for both MQTT versions, TCP_NODELAY on
+//! every connection, CONNACK refusals instead of poisoned listeners, authentication from a
+//! mosquitto password file, per-topic ACLs, bounded memory, stats on the bus and a clean
+//! shutdown.
+//!
+//! ```no_run
+//! let config = edgebus_broker::BrokerConfig::default();
+//! let broker = edgebus_broker::Broker::start(config, Some("edge/system/broker/stats".into()))?;
+//! println!("listening on {}", broker.local_addr());
+//! broker.shutdown(std::time::Duration::from_secs(2));
+//! # Ok::<(), edgebus_broker::BrokerError>(())
+//! ```
+//!
+//! # Layout
+//! - [`config`]: the `[broker]` part of topics.toml.
+//! - [`acl`]: per-topic access rules and topic matching.
+//! - [`auth`]: mosquitto-format password files.
+//! - [`stats`]: counters and the retained stats record.
+//! - `connection`: one client connection, from CONNECT to close.
+//! - `frame`: fixed-header parsing that runs before rumqttd's codecs.
+//! - `listener`: accept loops (TCP, WebSocket).
+//! - `sessions`: client-id ownership, takeover and the router's names for clients.
+//! - `system`: the broker's own link, for wills and stats.
+
+pub mod acl;
+pub mod auth;
+pub mod config;
+mod connection;
+mod frame;
+mod listener;
+mod sessions;
+pub mod stats;
+mod system;
+mod ws;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig, Strategy};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use config::{BrokerConfig, ByteSize};
+pub use stats::{Stats, StatsSnapshot};
+
+/// Starting the broker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The configuration is inconsistent.
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
+    /// The password file could not be loaded.
+    #[error(transparent)]
+    PasswordFile(#[from] auth::PasswordFileError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The runtime or the router could not start.
+    #[error("cannot start the broker: {0}")]
+    Start(String),
+}
+
+/// Builds router links; the router's channel type is not nameable outside rumqttd.
+type LinkFactory =
+    Box<dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    config: BrokerConfig,
+    passwords: Option<auth::PasswordFile>,
+    links: LinkFactory,
+    sessions: sessions::Sessions,
+    stats: Arc<Stats>,
+    sys: system::SysTx,
+    shutdown: CancellationToken,
+    filters: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Shared {
+    /// Counts a distinct filter against `max_filters`; false once the budget is spent.
+    fn admit_filter(&self, filter: &str) -> bool {
+        let mut set = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        if set.contains(filter) {
+            return true;
+        }
+        if set.len() >= self.config.max_filters {
+            return false;
+        }
+        set.insert(filter.to_owned());
+        self.stats.filters.store(set.len() as u64, Relaxed);
+        true
+    }
+}
+
+/// The embedded broker.
+pub struct Broker;
+
+impl Broker {
+    /// Binds the listeners and starts serving on a runtime of the broker's own.
+    /// `stats_topic` is where the retained stats record goes (none: not published).
+    pub fn start(
+        config: BrokerConfig,
+        stats_topic: Option<String>,
+    ) -> Result<BrokerHandle, BrokerError> {
+        config.validate().map_err(BrokerError::Config)?;
+        let passwords = config
+            .auth
+            .password_file
+            .as_deref()
+            .map(auth::PasswordFile::load)
+            .transpose()?;
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(2)))
+            .thread_name("edgebus-broker")
+            .enable_all()
+            .build()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+
+        let bind = |addr: SocketAddr| {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|source| BrokerError::Bind { addr, source })?;
+            l.set_nonblocking(true)
+                .map_err(|source| BrokerError::Bind { addr, source })?;
+            Ok::<_, BrokerError>(l)
+        };
+        let tcp = bind(config.listen)?;
+        let ws = config.websocket.map(bind).transpose()?;
+        let local_addr = tcp.local_addr().map_err(|e| BrokerError::Start(e.to_string()))?;
+        let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
+
+        let router_config = RouterConfig {
+            // Our own limit is checked first; the router's leaves room for the system link
+            // and for connections still being torn down.
+            max_connections: config.max_connections * 2 + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: config.segment_size.as_usize(),
+            max_segment_count: config.segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: match config.shared_strategy {
+                config::SharedStrategy::RoundRobin => Strategy::RoundRobin,
+                config::SharedStrategy::Random => Strategy::Random,
+                config::SharedStrategy::Sticky => Strategy::Sticky,
+            },
+        };
+        let router_tx = Router::new(0, router_config).spawn();
+        let links: LinkFactory = Box::new(move |name, clean, alias_max| {
+            LinkBuilder::new(name, router_tx.clone())
+                .clean_session(clean)
+                .topic_alias_max(alias_max)
+                .build()
+        });
+        let (sys_tx, sys_rx, _) =
+            links("sys", true, 0).map_err(|e| BrokerError::Start(e.to_string()))?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let stats = Arc::new(Stats::default());
+        let shared = {
+            let _guard = runtime.enter();
+            Arc::new(Shared {
+                sys: system::spawn(sys_tx, sys_rx),
+                config,
+                passwords,
+                links,
+                sessions: sessions::Sessions::default(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                filters: Mutex::new(Default::default()),
+            })
+        };
+
+        {
+            let _guard = runtime.enter();
+            let tcp = tokio::net::TcpListener::from_std(tcp)
+                .map_err(|e| BrokerError::Start(e.to_string()))?;
+            tracker.spawn(listener::accept_loop(tcp, listener::Kind::Tcp, shared.clone(), tracker.clone()));
+            if let Some(ws) = ws {
+                let ws = tokio::net::TcpListener::from_std(ws)
+                    .map_err(|e| BrokerError::Start(e.to_string()))?;
+                tracker.spawn(listener::accept_loop(ws, listener::Kind::WebSocket, shared.clone(), tracker.clone()));
+            }
+            if let Some(topic) = stats_topic.filter(|_| !shared.config.stats_interval.is_zero()) {
+                tracker.spawn(publish_stats(shared.clone(), topic));
+            }
+        }
+        info!(%local_addr, websocket = ?ws_addr, "broker listening (MQTT 3.1.1 and 5)");
+        Ok(BrokerHandle {
+            runtime: Some(runtime),
+            local_addr,
+            ws_addr,
+            shutdown,
+            tracker,
+            stats,
+        })
+    }
+}
+
+async fn publish_stats(shared: Arc<Shared>, topic: String) {
+    let topic = Bytes::from(topic);
+    let mut tick = tokio::time::interval(shared.config.stats_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = shared.stats.snapshot();
+        let Ok(payload) = serde_json::to_vec(&snapshot) else {
+            continue;
+        };
+        shared.sys.send(system::SysMsg::Publish {
+            topic: topic.clone(),
+            payload: Bytes::from(payload),
+            retain: true,
+            props: None,
+        });
+    }
+}
+
+/// A running broker. Dropping it shuts the broker down.
+pub struct BrokerHandle {
+    runtime: Option<tokio::runtime::Runtime>,
+    local_addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    stats: Arc<Stats>,
+}
+
+impl BrokerHandle {
+    /// The MQTT listener's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The WebSocket listener's address, if one is configured.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// The broker's counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops accepting, closes every client (MQTT 5 clients get DISCONNECT 0x8B) and waits
+    /// up to `grace` for connection tasks to finish.
+    pub fn shutdown(mut self, grace: Duration) {
+        self.stop(grace);
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        self.shutdown.cancel();
+        self.tracker.close();
+        let tracker = self.tracker.clone();
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(grace, tracker.wait()).await;
+        });
+        runtime.shutdown_timeout(Duration::from_millis(100));
+        info!("broker stopped");
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(1));
+    }
+}

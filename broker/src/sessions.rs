@@ -1,0 +1,176 @@
+//! Who is connected under which client id, and what the router calls them.
+//!
+//! rumqttd's router keeps a "graveyard" entry for every client id it ever saw, and its own
+//! takeover logic publishes the wrong Last Will. So the broker does takeover itself, and gives
+//! the router a name of its own choosing: clean sessions borrow a slot name (`c17`) from a
+//! pool no larger than `max_connections`, which bounds the graveyard; persistent sessions keep
+//! a stable name derived from the client id, since the router holds their state.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// A live connection's entry.
+struct Live {
+    generation: u64,
+    kick: CancellationToken,
+    done: oneshot::Receiver<()>,
+}
+
+/// What a connection holds while it owns a client id.
+pub(crate) struct Claim {
+    pub generation: u64,
+    pub kick: CancellationToken,
+    /// Dropped when the connection has finished cleaning up; a taker-over waits for it.
+    pub done: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+pub(crate) struct Sessions {
+    live: DashMap<String, Live>,
+    pending_wills: DashMap<String, (u64, CancellationToken)>,
+    slots: Mutex<Slots>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Slots {
+    free: VecDeque<usize>,
+    next: usize,
+}
+
+/// How long a new connection waits for the one it takes over to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+
+impl Sessions {
+    /// Takes `client_id` for a new connection: kicks whoever holds it and waits (bounded) for
+    /// them to clean up, and cancels a delayed Last Will waiting for this id.
+    pub async fn claim(&self, client_id: &str) -> Claim {
+        if let Some((_, (_, will))) = self.pending_wills.remove(client_id) {
+            will.cancel();
+        }
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let (done, done_rx) = oneshot::channel();
+        let old = self.live.insert(
+            client_id.to_owned(),
+            Live {
+                generation,
+                kick: kick.clone(),
+                done: done_rx,
+            },
+        );
+        if let Some(old) = old {
+            old.kick.cancel();
+            if tokio::time::timeout(TAKEOVER_WAIT, old.done).await.is_err() {
+                warn!(client_id, "previous connection did not finish within 2s of takeover");
+            }
+        }
+        Claim {
+            generation,
+            kick,
+            done,
+        }
+    }
+
+    /// Gives up `client_id` if this connection still holds it.
+    pub fn release(&self, client_id: &str, generation: u64) {
+        self.live
+            .remove_if(client_id, |_, l| l.generation == generation);
+    }
+
+    /// Registers a delayed Last Will; returns its generation and the token that cancels it.
+    pub fn delay_will(&self, client_id: &str) -> (u64, CancellationToken) {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Some((_, old)) = self
+            .pending_wills
+            .insert(client_id.to_owned(), (generation, token.clone()))
+        {
+            old.cancel();
+        }
+        (generation, token)
+    }
+
+    /// Forgets a delayed will once it fired.
+    pub fn will_done(&self, client_id: &str, generation: u64) {
+        self.pending_wills
+            .remove_if(client_id, |_, (g, _)| *g == generation);
+    }
+
+    /// Borrows a router name for a clean session.
+    pub fn take_slot(&self) -> usize {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match s.free.pop_front() {
+            Some(n) => n,
+            None => {
+                s.next += 1;
+                s.next
+            }
+        }
+    }
+
+    /// Returns a slot, to be reused as late as possible.
+    pub fn give_slot(&self, n: usize) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.free.push_back(n);
+    }
+
+    /// Number of connections holding a client id.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+}
+
+/// The router's name for a persistent session: the client id with the characters the router
+/// refuses (`$`) escaped. Ids containing `/`, `+` or `#` never get this far.
+pub(crate) fn persistent_name(client_id: &str) -> String {
+    format!(
+        "p:{}",
+        client_id.replace('%', "%25").replace('$', "%24")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn takeover_kicks_and_waits() {
+        let s = Sessions::default();
+        let first = s.claim("a").await;
+        let kick = first.kick.clone();
+        let waiter = tokio::spawn(async move {
+            kick.cancelled().await;
+            drop(first.done);
+        });
+        let second = s.claim("a").await;
+        waiter.await.expect("join");
+        assert_ne!(second.generation, 0);
+        s.release("a", 0);
+        assert_eq!(s.len(), 1, "a stale release leaves the new owner");
+        s.release("a", second.generation);
+        assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn slots_are_reused_fifo() {
+        let s = Sessions::default();
+        let a = s.take_slot();
+        let b = s.take_slot();
+        s.give_slot(a);
+        s.give_slot(b);
+        assert_eq!(s.take_slot(), a);
+        assert_eq!(persistent_name("x$y%"), "p:x%24y%25");
+    }
+}

@@ -1,0 +1,133 @@
+//! Broker counters, and the retained stats record built from them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+/// Counters shared by every connection. Relaxed atomics: each is read on its own.
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    pub(crate) connections: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) denied_publish: AtomicU64,
+    pub(crate) denied_subscribe: AtomicU64,
+    pub(crate) properties_stripped: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    pub(crate) filters: AtomicU64,
+    pub(crate) wills: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            connections: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            denied_publish: AtomicU64::new(0),
+            denied_subscribe: AtomicU64::new(0),
+            properties_stripped: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            filters: AtomicU64::new(0),
+            wills: AtomicU64::new(0),
+        }
+    }
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+pub(crate) fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Relaxed);
+}
+
+/// A point-in-time copy of the counters: the body of `P/system/broker/stats`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// CONNECTs refused (bad id, auth, limits, protocol version).
+    pub refused: u64,
+    /// PUBLISH packets accepted from clients.
+    pub messages_in: u64,
+    /// PUBLISH packets written to clients.
+    pub messages_out: u64,
+    /// Bytes read from clients.
+    pub bytes_in: u64,
+    /// Bytes written to clients.
+    pub bytes_out: u64,
+    /// Messages and subscriptions not delivered or refused, by cause.
+    pub dropped: Dropped,
+    /// Distinct subscription filters held by the router (bounded by `max_filters`).
+    pub filters: u64,
+    /// Last Will messages published.
+    pub wills: u64,
+    /// Seconds since the broker started.
+    pub uptime_s: u64,
+    /// Resident memory of the process in bytes (0 where /proc is missing).
+    pub rss_bytes: u64,
+    /// When this snapshot was taken (RFC 3339).
+    pub at: String,
+}
+
+/// The `dropped` part of the stats record.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Dropped {
+    /// PUBLISHes refused by the ACL.
+    pub denied_publish: u64,
+    /// Subscriptions refused by the ACL, a bad filter or `max_filters`.
+    pub denied_subscribe: u64,
+    /// MQTT 5 publishes whose properties were removed for an MQTT 3.1.1 subscriber.
+    pub properties_stripped: u64,
+    /// Connections closed for a malformed or unexpected packet.
+    pub protocol_errors: u64,
+}
+
+impl Stats {
+    /// Copies the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        StatsSnapshot {
+            connections: g(&self.connections),
+            connections_total: g(&self.connections_total),
+            refused: g(&self.refused),
+            messages_in: g(&self.messages_in),
+            messages_out: g(&self.messages_out),
+            bytes_in: g(&self.bytes_in),
+            bytes_out: g(&self.bytes_out),
+            dropped: Dropped {
+                denied_publish: g(&self.denied_publish),
+                denied_subscribe: g(&self.denied_subscribe),
+                properties_stripped: g(&self.properties_stripped),
+                protocol_errors: g(&self.protocol_errors),
+            },
+            filters: g(&self.filters),
+            wills: g(&self.wills),
+            uptime_s: self.started.elapsed().as_secs(),
+            rss_bytes: rss_bytes(),
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}

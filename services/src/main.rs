@@ -1,0 +1,309 @@
+//! The `edgebus` command line.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use edgebus_services::bench::{self, BenchOptions, Target};
+use edgebus_services::config::TopicsFile;
+
+/// edgebus: an MQTT message bus for many small services on one small host.
+#[derive(Debug, Parser)]
+#[command(name = "edgebus", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the whole bus in one process (for now: the embedded broker).
+    Up(BrokerArgs),
+    /// Runs the embedded MQTT broker (3.1.1 and 5 on one port).
+    Broker(BrokerArgs),
+    /// Validates topics.toml; errors name file, line and key.
+    CheckConfig {
+        /// The topics.toml to check (default: the built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Adds or replaces a user in a mosquitto-format password file.
+    Passwd {
+        /// The password file (created if missing, mode 0600).
+        file: PathBuf,
+        /// The username.
+        user: String,
+        /// The password; without it, it is read from the terminal or from stdin.
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Measures brokers: round trips, fan-in, fan-out, connection rate, memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// topics.toml (default: built-in defaults, listening on 127.0.0.1:1883).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Overrides `broker.listen`, e.g. 0.0.0.0:1883 (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// A broker to measure, as host:port (repeatable).
+    #[arg(long = "broker")]
+    brokers: Vec<SocketAddr>,
+    /// The pid of each --broker, in order, to read its memory from /proc.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Start an `edgebus broker` on a free loopback port and measure it.
+    #[arg(long)]
+    embedded: bool,
+    /// Start Debian's `mosquitto` (set_tcp_nodelay true) on a free loopback port and measure it.
+    #[arg(long)]
+    mosquitto: bool,
+    /// Round trips per round-trip scenario.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Messages per fan-in / fan-out scenario.
+    #[arg(long, default_value_t = 20000)]
+    messages: usize,
+    /// Publishers in fan-in, subscribers in fan-out.
+    #[arg(long, default_value_t = 4)]
+    width: usize,
+    /// Connections opened by the connection-rate scenario.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Idle connections held to measure memory per connection.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgebus: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EDGEBUS_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // Under systemd the journal stamps each line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(config: Option<&Path>) -> anyhow::Result<TopicsFile> {
+    match config {
+        Some(p) => Ok(TopicsFile::load(p)?),
+        None => Ok(TopicsFile::default()),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Up(args) | Cmd::Broker(args) => run_broker(args),
+        Cmd::CheckConfig { config } => {
+            let file = load(config.as_deref())?;
+            let name = config.map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
+            println!(
+                "{name}: ok (prefix `{}`, broker listens on {})",
+                file.bus.prefix, file.broker.listen
+            );
+            Ok(())
+        }
+        Cmd::Passwd {
+            file,
+            user,
+            password,
+        } => edgebus_services::passwd::run(&file, &user, password),
+        Cmd::Bench(args) => run_bench(args),
+    }
+}
+
+fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    let mut file = load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        file.broker.listen = listen;
+    }
+    let stats_topic = format!("{}/system/broker/stats", file.bus.prefix);
+    let handle = edgebus_broker::Broker::start(file.broker, Some(stats_topic))?;
+    // One stable line on stdout, for scripts and tests that start us on port 0.
+    println!("edgebus broker listening on {}", handle.local_addr());
+    if let Some(ws) = handle.websocket_addr() {
+        println!("edgebus websocket listening on {ws}");
+    }
+    std::io::stdout().flush().ok();
+    wait_for_signal()?;
+    tracing::info!("signal received; shutting down");
+    handle.shutdown(Duration::from_millis(1500));
+    Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM.
+fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(())
+}
+
+/// A child process killed on drop.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["broker", "--listen", "127.0.0.1:0"])
+        .env("EDGEBUS_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting edgebus broker")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let spawned = Spawned(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| anyhow!("edgebus broker printed `{}`", line.trim()))?;
+    Ok((spawned, addr))
+}
+
+fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dir = std::env::temp_dir().join(format!("edgebus-bench-mosquitto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_connections -1\n"),
+    )?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto (apt-get install mosquitto)")?;
+    let spawned = Spawned(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if t0.elapsed() > Duration::from_secs(5) {
+            bail!("mosquitto did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((spawned, addr))
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let mut targets = Vec::new();
+    let mut children = Vec::new();
+    if args.embedded {
+        let (child, addr) = spawn_embedded()?;
+        targets.push(Target {
+            name: "edgebus".into(),
+            addr,
+            pid: Some(child.0.id()),
+        });
+        children.push(child);
+    }
+    if args.mosquitto {
+        let (child, addr) = spawn_mosquitto()?;
+        targets.push(Target {
+            name: "mosquitto".into(),
+            addr,
+            pid: Some(child.0.id()),
+        });
+        children.push(child);
+    }
+    for (i, addr) in args.brokers.iter().enumerate() {
+        targets.push(Target {
+            name: addr.to_string(),
+            addr: *addr,
+            pid: args.pids.get(i).copied(),
+        });
+    }
+    if targets.is_empty() {
+        bail!("nothing to measure: give --embedded, --mosquitto or --broker HOST:PORT");
+    }
+    let opts = BenchOptions {
+        round_trips: args.round_trips,
+        messages: args.messages,
+        width: args.width,
+        connections: args.connections,
+        idle_connections: args.idle_connections,
+        payload: args.payload,
+        ..BenchOptions::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut results = Vec::new();
+    for t in &targets {
+        eprintln!("measuring {} at {} …", t.name, t.addr);
+        results.push(rt.block_on(bench::run_all(t, &opts)));
+    }
+    bench::print_table(&targets, &results);
+    drop(children);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+}
