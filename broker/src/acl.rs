@@ -278,7 +278,10 @@ mod tests {
             user: None,
             client_id: "x",
         };
-        assert!(!acl.can_publish(anon, "edge/x/y"), "%u never matches anonymous");
+        assert!(
+            !acl.can_publish(anon, "edge/x/y"),
+            "%u never matches anonymous"
+        );
         let sneaky = Principal {
             user: Some("+"),
             client_id: "x",

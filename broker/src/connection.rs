@@ -26,8 +26,8 @@ use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
     LastWill, LastWillProperties, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, PublishProperties, SubAck, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason,
+    PubCompReason, PubRec, PubRecReason, PublishProperties, SubAck, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -136,7 +136,10 @@ where
         Some(5) => Version::V5,
         level => {
             bump(&shared.stats.refused);
-            warn!(?level, "unsupported protocol level (MQTT 3.1.1 and 5 are served); refusing");
+            warn!(
+                ?level,
+                "unsupported protocol level (MQTT 3.1.1 and 5 are served); refusing"
+            );
             let _ = stream.write_all(&[0x20, 2, 0, 1]).await;
             return;
         }
@@ -179,7 +182,11 @@ where
         Ok(user) => user,
         Err(refusal) => {
             bump(&shared.stats.refused);
-            warn!(?refusal, user = login.as_ref().map(|l| l.username.as_str()), "authentication failed; refusing");
+            warn!(
+                ?refusal,
+                user = login.as_ref().map(|l| l.username.as_str()),
+                "authentication failed; refusing"
+            );
             refuse(&mut stream, version, refusal).await;
             return;
         }
@@ -190,7 +197,10 @@ where
     if open >= cfg.max_connections as u64 {
         shared.stats.connections.fetch_sub(1, Relaxed);
         bump(&shared.stats.refused);
-        warn!(max_connections = cfg.max_connections, "connection limit reached; refusing");
+        warn!(
+            max_connections = cfg.max_connections,
+            "connection limit reached; refusing"
+        );
         refuse(&mut stream, version, Refusal::Busy).await;
         return;
     }
@@ -205,7 +215,11 @@ where
         None => persistent_name(&client_id),
     };
     let alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
-    let joined = (shared.links)(&router_name, clean, if version == Version::V5 { alias_max } else { 0 });
+    let joined = (shared.links)(
+        &router_name,
+        clean,
+        if version == Version::V5 { alias_max } else { 0 },
+    );
 
     let mut end = End::Router("not joined".into());
     let mut conn_will = will.map(|w| (w, will_props));
@@ -229,7 +243,13 @@ where
             router_open: true,
         };
         conn.connack(session_present, assigned.then(|| client_id.clone()));
-        debug!(?version, clean, session_present, keep_alive = connect.keep_alive, "connected");
+        debug!(
+            ?version,
+            clean,
+            session_present,
+            keep_alive = connect.keep_alive,
+            "connected"
+        );
         let run = AssertUnwindSafe(conn.run(&mut stream, &mut rbuf, &mut link_rx, &claim))
             .catch_unwind()
             .await;
@@ -287,7 +307,10 @@ where
         _ => true,
     };
     if let (true, Some((will, will_props))) = (fire, conn_will.take()) {
-        let session_expiry = props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
+        let session_expiry = props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
         let delay = will_props
             .as_ref()
             .and_then(|p| p.delay_interval)
@@ -503,7 +526,9 @@ impl Conn {
         let props = (self.version == Version::V5).then(|| ConnAckProperties {
             assigned_client_identifier: assigned,
             topic_alias_max: Some(4096),
-            max_packet_size: Some(u32::try_from(self.shared.config.max_payload.0 + 5).unwrap_or(u32::MAX)),
+            max_packet_size: Some(
+                u32::try_from(self.shared.config.max_payload.0 + 5).unwrap_or(u32::MAX),
+            ),
             retain_available: Some(1),
             wildcard_subscription_available: Some(1),
             shared_subscription_available: Some(1),
@@ -786,7 +811,11 @@ impl Conn {
         let topic = if publish.topic.is_empty() {
             match alias.and_then(|a| self.aliases.get(&a)) {
                 Some(t) => t.clone(),
-                None => return Err(End::Protocol("PUBLISH with an empty topic and no known alias".into())),
+                None => {
+                    return Err(End::Protocol(
+                        "PUBLISH with an empty topic and no known alias".into(),
+                    ))
+                }
             }
         } else {
             if let Some(a) = alias {
@@ -796,8 +825,8 @@ impl Conn {
             }
             publish.topic.clone()
         };
-        let topic = std::str::from_utf8(&topic)
-            .map_err(|_| End::Protocol("topic is not UTF-8".into()))?;
+        let topic =
+            std::str::from_utf8(&topic).map_err(|_| End::Protocol("topic is not UTF-8".into()))?;
         if let Err(why) = acl::check_topic(topic) {
             return Err(End::Protocol(format!("invalid topic name: {why}")));
         }
@@ -814,7 +843,12 @@ impl Conn {
 
     fn deny_publish(&mut self, qos: u8, pkid: u16, topic: &str, why: &str) -> Result<(), End> {
         bump(&self.shared.stats.denied_publish);
-        warn!(topic, user = self.user.as_deref(), reason = why, "publish refused");
+        warn!(
+            topic,
+            user = self.user.as_deref(),
+            reason = why,
+            "publish refused"
+        );
         let v5 = self.version == Version::V5;
         match qos {
             1 => self.encode(Packet::PubAck(
@@ -915,7 +949,12 @@ impl Conn {
             ));
         }
         acl::check_filter(inner).map_err(|why| (invalid, why))?;
-        if !self.shared.config.acl.can_subscribe(self.principal(), inner) {
+        if !self
+            .shared
+            .config
+            .acl
+            .can_subscribe(self.principal(), inner)
+        {
             return Err((SubscribeReasonCode::NotAuthorized, "denied by ACL"));
         }
         if !self.shared.admit_filter(inner) {
@@ -951,7 +990,10 @@ impl Conn {
                 if self.version == Version::V5 {
                     self.encode(Packet::Disconnect(d.clone(), props))?;
                 }
-                Err(End::Router(format!("router sent DISCONNECT ({:?})", d.reason_code)))
+                Err(End::Router(format!(
+                    "router sent DISCONNECT ({:?})",
+                    d.reason_code
+                )))
             }
             ack @ Notification::DeviceAck(_) => match Option::<Packet>::from(ack) {
                 Some(Packet::SubAck(mut suback, props)) => {
@@ -959,13 +1001,18 @@ impl Conn {
                         let mut granted = suback.return_codes.into_iter();
                         suback.return_codes = verdicts
                             .into_iter()
-                            .map(|v| v.or_else(|| granted.next()).unwrap_or(SubscribeReasonCode::Failure))
+                            .map(|v| {
+                                v.or_else(|| granted.next())
+                                    .unwrap_or(SubscribeReasonCode::Failure)
+                            })
                             .collect();
                     }
                     self.encode(Packet::SubAck(suback, props))
                 }
                 // Answered when the request came in.
-                Some(Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..)) | None => Ok(()),
+                Some(Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..)) | None => {
+                    Ok(())
+                }
                 Some(p) => self.encode(p),
             },
             _ => Ok(()),
@@ -979,9 +1026,9 @@ fn share_group_for_router(path: &str) -> Option<String> {
     let rest = path.strip_prefix("$share/")?;
     let (group, filter) = rest.split_once('/')?;
     // FNV-1a: stable across runs and processes, so every member maps the same way.
-    let hash = filter
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = filter.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     Some(format!("$share/{group}~{hash:016x}/{filter}"))
 }
 

@@ -145,9 +145,19 @@ mod tests {
     #[test]
     fn frames() {
         assert_eq!(check(&[0x30], 10), Check::Incomplete);
-        assert_eq!(check(&[0xc0, 0x00], 10), Check::Ready(Frame { byte1: 0xc0, header_len: 2, remaining: 0 }));
+        assert_eq!(
+            check(&[0xc0, 0x00], 10),
+            Check::Ready(Frame {
+                byte1: 0xc0,
+                header_len: 2,
+                remaining: 0
+            })
+        );
         assert_eq!(check(&[0x30, 0x05, 1, 2], 10), Check::Incomplete);
-        assert_eq!(check(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 10), Check::Malformed);
+        assert_eq!(
+            check(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 10),
+            Check::Malformed
+        );
         assert_eq!(check(&[0x30, 0x80, 0x01], 100), Check::TooLarge(128));
     }
 
@@ -155,19 +165,25 @@ mod tests {
     fn publish_fields() {
         // QoS 1 PUBLISH "a/b", pkid 7, payload "x".
         let buf = [0x32, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x'];
-        let Check::Ready(f) = check(&buf, 100) else { panic!("frame") };
+        let Check::Ready(f) = check(&buf, 100) else {
+            panic!("frame")
+        };
         assert_eq!(f.qos(), 1);
         assert_eq!(publish_topic_and_pkid(&buf, f), Some((&b"a/b"[..], 7)));
         // Truncated variable header.
         let short = [0x32, 3, 0, 9, b'a'];
-        let Check::Ready(f) = check(&short, 100) else { panic!("frame") };
+        let Check::Ready(f) = check(&short, 100) else {
+            panic!("frame")
+        };
         assert_eq!(publish_topic_and_pkid(&short, f), None);
     }
 
     #[test]
     fn connect_levels() {
         let buf = [0x10, 7, 0, 4, b'M', b'Q', b'T', b'T', 5];
-        let Check::Ready(f) = check(&buf, 100) else { panic!("frame") };
+        let Check::Ready(f) = check(&buf, 100) else {
+            panic!("frame")
+        };
         assert_eq!(connect_level(&buf, f), Some(5));
     }
 }

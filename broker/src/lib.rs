@@ -75,6 +75,7 @@ pub enum BrokerError {
 }
 
 /// Builds router links; the router's channel type is not nameable outside rumqttd.
+#[allow(clippy::result_large_err)]
 type LinkFactory =
     Box<dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
 
@@ -110,6 +111,8 @@ impl Shared {
 pub struct Broker;
 
 impl Broker {
+    // LinkError is rumqttd's.
+    #[allow(clippy::result_large_err)]
     /// Binds the listeners and starts serving on a runtime of the broker's own.
     /// `stats_topic` is where the retained stats record goes (none: not published).
     pub fn start(
@@ -140,7 +143,9 @@ impl Broker {
         };
         let tcp = bind(config.listen)?;
         let ws = config.websocket.map(bind).transpose()?;
-        let local_addr = tcp.local_addr().map_err(|e| BrokerError::Start(e.to_string()))?;
+        let local_addr = tcp
+            .local_addr()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
         let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
         let router_config = RouterConfig {
@@ -189,11 +194,21 @@ impl Broker {
             let _guard = runtime.enter();
             let tcp = tokio::net::TcpListener::from_std(tcp)
                 .map_err(|e| BrokerError::Start(e.to_string()))?;
-            tracker.spawn(listener::accept_loop(tcp, listener::Kind::Tcp, shared.clone(), tracker.clone()));
+            tracker.spawn(listener::accept_loop(
+                tcp,
+                listener::Kind::Tcp,
+                shared.clone(),
+                tracker.clone(),
+            ));
             if let Some(ws) = ws {
                 let ws = tokio::net::TcpListener::from_std(ws)
                     .map_err(|e| BrokerError::Start(e.to_string()))?;
-                tracker.spawn(listener::accept_loop(ws, listener::Kind::WebSocket, shared.clone(), tracker.clone()));
+                tracker.spawn(listener::accept_loop(
+                    ws,
+                    listener::Kind::WebSocket,
+                    shared.clone(),
+                    tracker.clone(),
+                ));
             }
             if let Some(topic) = stats_topic.filter(|_| !shared.config.stats_interval.is_zero()) {
                 tracker.spawn(publish_stats(shared.clone(), topic));

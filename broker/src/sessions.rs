@@ -70,7 +70,10 @@ impl Sessions {
         if let Some(old) = old {
             old.kick.cancel();
             if tokio::time::timeout(TAKEOVER_WAIT, old.done).await.is_err() {
-                warn!(client_id, "previous connection did not finish within 2s of takeover");
+                warn!(
+                    client_id,
+                    "previous connection did not finish within 2s of takeover"
+                );
             }
         }
         Claim {
@@ -135,10 +138,7 @@ impl Sessions {
 /// The router's name for a persistent session: the client id with the characters the router
 /// refuses (`$`) escaped. Ids containing `/`, `+` or `#` never get this far.
 pub(crate) fn persistent_name(client_id: &str) -> String {
-    format!(
-        "p:{}",
-        client_id.replace('%', "%25").replace('$', "%24")
-    )
+    format!("p:{}", client_id.replace('%', "%25").replace('$', "%24"))
 }
 
 #[cfg(test)]

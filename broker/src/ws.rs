@@ -21,6 +21,8 @@ use tracing::{debug, info};
 
 use crate::Shared;
 
+// The callback's error type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let select_mqtt = |req: &Request, mut resp: Response| {
         let offers_mqtt = req

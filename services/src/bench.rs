@@ -81,21 +81,46 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
     let rss_idle = target.pid.and_then(rss_kib);
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let q = qos as u8;
-        push(&format!("round trip QoS {q} p50 / p99 / p999"), round_trip(target.addr, qos, opts).await);
+        push(
+            &format!("round trip QoS {q} p50 / p99 / p999"),
+            round_trip(target.addr, qos, opts).await,
+        );
     }
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let q = qos as u8;
-        push(&format!("fan-in {}→1 QoS {q} (msg/s, delivered)", opts.width), fan_in(target.addr, qos, opts).await);
-        push(&format!("fan-out 1→{} QoS {q} (deliveries/s, delivered)", opts.width), fan_out(target.addr, qos, opts).await);
-    }
-    push("connection rate (CONNECT→CONNACK/s)", connection_rate(target.addr, opts).await);
-    if let Some(pid) = target.pid {
-        push("RSS idle (KiB)", rss_idle.map(|k| k.to_string()).ok_or_else(|| anyhow!("no /proc")));
         push(
-            &format!("RSS per idle connection at {} (bytes)", opts.idle_connections),
+            &format!("fan-in {}→1 QoS {q} (msg/s, delivered)", opts.width),
+            fan_in(target.addr, qos, opts).await,
+        );
+        push(
+            &format!("fan-out 1→{} QoS {q} (deliveries/s, delivered)", opts.width),
+            fan_out(target.addr, qos, opts).await,
+        );
+    }
+    push(
+        "connection rate (CONNECT→CONNACK/s)",
+        connection_rate(target.addr, opts).await,
+    );
+    if let Some(pid) = target.pid {
+        push(
+            "RSS idle (KiB)",
+            rss_idle
+                .map(|k| k.to_string())
+                .ok_or_else(|| anyhow!("no /proc")),
+        );
+        push(
+            &format!(
+                "RSS per idle connection at {} (bytes)",
+                opts.idle_connections
+            ),
             idle_memory(target.addr, pid, opts).await,
         );
-        push("RSS after load (KiB)", rss_kib(pid).map(|k| k.to_string()).ok_or_else(|| anyhow!("no /proc")));
+        push(
+            "RSS after load (KiB)",
+            rss_kib(pid)
+                .map(|k| k.to_string())
+                .ok_or_else(|| anyhow!("no /proc")),
+        );
     }
     rows
 }
@@ -117,7 +142,10 @@ fn client(id: String, addr: SocketAddr) -> (AsyncClient, EventLoop) {
 }
 
 fn run_id() -> String {
-    format!("{:x}", std::process::id() ^ Instant::now().elapsed().subsec_nanos())
+    format!(
+        "{:x}",
+        std::process::id() ^ Instant::now().elapsed().subsec_nanos()
+    )
 }
 
 /// Drives an event loop; sends incoming publishes' payload lengths to `tx`, signals SUBACKs.
@@ -153,7 +181,11 @@ enum Inbound {
     Error,
 }
 
-async fn wait_for(rx: &mut mpsc::UnboundedReceiver<Inbound>, want: fn(&Inbound) -> bool, t: Duration) -> anyhow::Result<()> {
+async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<Inbound>,
+    want: fn(&Inbound) -> bool,
+    t: Duration,
+) -> anyhow::Result<()> {
     tokio::time::timeout(t, async {
         while let Some(m) = rx.recv().await {
             if matches!(m, Inbound::Error) {
@@ -169,12 +201,27 @@ async fn wait_for(rx: &mut mpsc::UnboundedReceiver<Inbound>, want: fn(&Inbound) 
     .map_err(|_| anyhow!("timed out"))?
 }
 
-async fn subscriber(addr: SocketAddr, id: String, filter: &str, qos: QoS) -> anyhow::Result<(AsyncClient, mpsc::UnboundedReceiver<Inbound>, tokio::task::JoinHandle<()>)> {
+async fn subscriber(
+    addr: SocketAddr,
+    id: String,
+    filter: &str,
+    qos: QoS,
+) -> anyhow::Result<(
+    AsyncClient,
+    mpsc::UnboundedReceiver<Inbound>,
+    tokio::task::JoinHandle<()>,
+)> {
     let (c, el) = client(id, addr);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let h = drive(el, tx);
     c.subscribe(filter, qos).await?;
-    wait_for(&mut rx, |m| matches!(m, Inbound::SubAck), Duration::from_secs(5)).await.context("subscribe")?;
+    wait_for(
+        &mut rx,
+        |m| matches!(m, Inbound::SubAck),
+        Duration::from_secs(5),
+    )
+    .await
+    .context("subscribe")?;
     Ok((c, rx, h))
 }
 
@@ -182,13 +229,19 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
     let run = run_id();
     let ping = format!("bench/{run}/ping");
     let pong = format!("bench/{run}/pong");
-    let (responder, mut rx_r, h_r) = subscriber(addr, format!("bench-{run}-resp"), &ping, qos).await?;
-    let (requester, mut rx_q, h_q) = subscriber(addr, format!("bench-{run}-req"), &pong, qos).await?;
+    let (responder, mut rx_r, h_r) =
+        subscriber(addr, format!("bench-{run}-resp"), &ping, qos).await?;
+    let (requester, mut rx_q, h_q) =
+        subscriber(addr, format!("bench-{run}-req"), &pong, qos).await?;
     let pong2 = pong.clone();
     let echo = tokio::spawn(async move {
         while let Some(m) = rx_r.recv().await {
             if let Inbound::Publish(p) = m {
-                if responder.publish_bytes(pong2.clone(), qos, false, p).await.is_err() {
+                if responder
+                    .publish_bytes(pong2.clone(), qos, false, p)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -203,7 +256,9 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
             break;
         }
         let t0 = Instant::now();
-        requester.publish_bytes(ping.clone(), qos, false, payload.clone()).await?;
+        requester
+            .publish_bytes(ping.clone(), qos, false, payload.clone())
+            .await?;
         let got = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(m) = rx_q.recv().await {
                 if let Inbound::Publish(_) = m {
@@ -237,7 +292,11 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
     Ok(s)
 }
 
-async fn count_until(rx: &mut mpsc::UnboundedReceiver<Inbound>, want: u64, deadline: Instant) -> u64 {
+async fn count_until(
+    rx: &mut mpsc::UnboundedReceiver<Inbound>,
+    want: u64,
+    deadline: Instant,
+) -> u64 {
     let mut got = 0;
     while got < want {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -252,7 +311,13 @@ async fn count_until(rx: &mut mpsc::UnboundedReceiver<Inbound>, want: u64, deadl
 
 async fn fan_in(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::Result<String> {
     let run = run_id();
-    let (_sub, mut rx, h) = subscriber(addr, format!("bench-{run}-sink"), &format!("bench/{run}/in/+"), qos).await?;
+    let (_sub, mut rx, h) = subscriber(
+        addr,
+        format!("bench-{run}-sink"),
+        &format!("bench/{run}/in/+"),
+        qos,
+    )
+    .await?;
     let per = opts.messages / opts.width.max(1);
     let want = (per * opts.width) as u64;
     let payload = bytes::Bytes::from(vec![b'x'; opts.payload]);
@@ -266,7 +331,10 @@ async fn fan_in(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::Resu
         let payload = payload.clone();
         pubs.push(tokio::spawn(async move {
             for _ in 0..per {
-                if c.publish_bytes(topic.clone(), qos, false, payload.clone()).await.is_err() {
+                if c.publish_bytes(topic.clone(), qos, false, payload.clone())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -309,7 +377,8 @@ async fn fan_out(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::Res
         }));
     }
     for _ in 0..per {
-        c.publish_bytes(topic.clone(), qos, false, payload.clone()).await?;
+        c.publish_bytes(topic.clone(), qos, false, payload.clone())
+            .await?;
     }
     for h in counters {
         let _ = h.await;
@@ -318,7 +387,10 @@ async fn fan_out(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::Res
     drv.abort();
     let got = total.load(Ordering::Relaxed);
     let want = per * opts.width as u64;
-    Ok(format!("{:.0} deliveries/s, {got}/{want}", got as f64 / secs))
+    Ok(format!(
+        "{:.0} deliveries/s, {got}/{want}",
+        got as f64 / secs
+    ))
 }
 
 /// A minimal MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s).
@@ -372,7 +444,11 @@ async fn connection_rate(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Resul
         ok += t.await.unwrap_or(0);
     }
     let secs = t0.elapsed().as_secs_f64();
-    Ok(format!("{:.0} conn/s ({ok}/{})", ok as f64 / secs, per * workers))
+    Ok(format!(
+        "{:.0} conn/s ({ok}/{})",
+        ok as f64 / secs,
+        per * workers
+    ))
 }
 
 async fn idle_memory(addr: SocketAddr, pid: u32, opts: &BenchOptions) -> anyhow::Result<String> {
@@ -403,11 +479,22 @@ pub fn print_table(targets: &[Target], results: &[Vec<Row>]) {
     let Some(first) = results.first() else {
         return;
     };
-    let w0 = first.iter().map(|r| r.name.len()).max().unwrap_or(10).max(8);
+    let w0 = first
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(10)
+        .max(8);
     let widths: Vec<usize> = results
         .iter()
         .zip(targets)
-        .map(|(rows, t)| rows.iter().map(|r| r.value.chars().count()).max().unwrap_or(0).max(t.name.len()))
+        .map(|(rows, t)| {
+            rows.iter()
+                .map(|r| r.value.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(t.name.len())
+        })
         .collect();
     print!("| {:w0$} |", "scenario");
     for (t, w) in targets.iter().zip(&widths) {

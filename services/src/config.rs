@@ -75,12 +75,20 @@ impl TopicsFile {
             let key = message
                 .split_whitespace()
                 .next()
-                .map(|k| k.trim_matches(|c: char| !c.is_alphanumeric() && c != '_' && c != '.' && c != '[' && c != ']'))
+                .map(|k| {
+                    k.trim_matches(|c: char| {
+                        !c.is_alphanumeric() && c != '_' && c != '.' && c != '[' && c != ']'
+                    })
+                })
                 .unwrap_or_default()
                 .to_owned();
             ConfigError {
                 file: path.to_owned(),
-                line: find_key(text, table, key.split(['.', '[']).next().unwrap_or_default()),
+                line: find_key(
+                    text,
+                    table,
+                    key.split(['.', '[']).next().unwrap_or_default(),
+                ),
                 key: Some(format!("{table}.{key}")),
                 message,
             }
@@ -101,14 +109,14 @@ fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if let Some(name) = t.strip_prefix('[') {
-            current = name.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+            current = name
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
             continue;
         }
         let in_table = current == table || current.starts_with(&format!("{table}."));
-        if in_table
-            && t.split_once('=')
-                .is_some_and(|(k, _)| k.trim() == key)
-        {
+        if in_table && t.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
             return Some(i + 1);
         }
     }
@@ -132,11 +140,13 @@ mod tests {
         assert_eq!(e.line, Some(5), "{e}");
         assert_eq!(e.key.as_deref(), Some("broker.max_connections"), "{e}");
 
-        let e = TopicsFile::parse("[broker]\nmax_conections = 3\n", Path::new("t.toml")).unwrap_err();
+        let e =
+            TopicsFile::parse("[broker]\nmax_conections = 3\n", Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("max_conections"), "{e}");
 
-        let e = TopicsFile::parse("[broker]\nsegment_count = 0\n", Path::new("t.toml")).unwrap_err();
+        let e =
+            TopicsFile::parse("[broker]\nsegment_count = 0\n", Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert_eq!(e.key.as_deref(), Some("broker.segment_count"), "{e}");
     }

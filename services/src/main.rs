@@ -130,7 +130,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up(args) | Cmd::Broker(args) => run_broker(args),
         Cmd::CheckConfig { config } => {
             let file = load(config.as_deref())?;
-            let name = config.map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
+            let name =
+                config.map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
             println!(
                 "{name}: ok (prefix `{}`, broker listens on {})",
                 file.bus.prefix, file.broker.listen
@@ -217,7 +218,9 @@ fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {
 }
 
 fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let dir = std::env::temp_dir().join(format!("edgebus-bench-mosquitto-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("mosquitto.conf");

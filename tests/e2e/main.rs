@@ -1,1 +1,5 @@
-//! e2e
+//! End-to-end tests: real `edgebus` processes on free ports, driven by mosquitto's clients,
+//! rumqttc and hand-made packets. One test binary keeps link time down.
+
+mod broker;
+mod harness;

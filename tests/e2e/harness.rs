@@ -1,0 +1,315 @@
+//! Real processes on free ports, killed when dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `edgebus` binary under test.
+pub fn edgebus() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgebus"));
+    c.env("EDGEBUS_LOG", "info");
+    c
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("edgebus-e2e-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process, SIGKILLed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr read line by line (stderr lines prefixed `ERR `).
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx2.send(format!("ERR {line}")).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    /// Waits for a line containing `needle`; returns it, or panics with what was seen.
+    pub fn expect_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {timeout:?}; saw:\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The next line within `timeout` that contains `needle`, if any.
+    pub fn find_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for exit within `timeout`; returns whether it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An `edgebus broker` on a free loopback port.
+pub struct Broker {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub ws: Option<SocketAddr>,
+    _dir: Option<TempDir>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with("")
+    }
+
+    /// Starts with extra `[broker]` settings (TOML lines) in a config of its own.
+    pub fn start_with(broker_toml: &str) -> Broker {
+        let dir = TempDir::new("broker");
+        let cfg = dir.file(
+            "topics.toml",
+            &format!(
+                "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"200ms\"\n{broker_toml}\n"
+            ),
+        );
+        let mut b = Broker::start_config(&cfg);
+        b._dir = Some(dir);
+        b
+    }
+
+    pub fn start_config(cfg: &Path) -> Broker {
+        let mut cmd = edgebus();
+        cmd.arg("broker").arg("-c").arg(cfg);
+        let proc = Proc::spawn(cmd);
+        let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("address");
+        let ws = proc
+            .find_line("edgebus websocket listening on", Duration::from_millis(200))
+            .and_then(|l| l.rsplit(' ').next().and_then(|a| a.parse().ok()));
+        Broker {
+            proc,
+            addr,
+            ws,
+            _dir: None,
+        }
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+}
+
+/// A `mosquitto_sub` printing `MSG topic payload` lines.
+pub struct Sub(pub Proc);
+
+impl Sub {
+    /// Subscribes and waits for the SUBACK.
+    pub fn start(port: &str, args: &[&str]) -> Sub {
+        let s = Sub::start_nowait(port, args);
+        s.0.expect_line("received SUBACK", Duration::from_secs(5));
+        s
+    }
+
+    pub fn start_nowait(port: &str, args: &[&str]) -> Sub {
+        // Line-buffered: mosquitto_sub does not flush its debug lines into a pipe.
+        let mut cmd = Command::new("stdbuf");
+        cmd.args(["-oL", "mosquitto_sub", "-d", "-p", port, "-F", "MSG %t %p"])
+            .args(args);
+        Sub(Proc::spawn(cmd))
+    }
+
+    /// The next message line (`topic payload`) within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.0
+            .find_line("MSG ", timeout)
+            .map(|l| l.trim_start_matches("MSG ").to_owned())
+    }
+
+    /// Collects messages until `timeout` passes with none.
+    pub fn drain(&self, quiet: Duration) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Some(m) = self.next(quiet) {
+            v.push(m);
+        }
+        v
+    }
+}
+
+/// Runs `mosquitto_pub` to completion (10 s bound); returns success and its output.
+pub fn publish(port: &str, args: &[&str]) -> (bool, String) {
+    run_tool("mosquitto_pub", port, args)
+}
+
+/// Runs a mosquitto client tool to completion (10 s bound).
+pub fn run_tool(tool: &str, port: &str, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(tool);
+    cmd.args(["-p", port]).args(args);
+    let mut p = Proc::spawn(cmd);
+    let status = p.wait_exit(Duration::from_secs(10));
+    let mut out = Vec::new();
+    while let Ok(l) = p.lines.recv_timeout(Duration::from_millis(50)) {
+        out.push(l);
+    }
+    (status.is_some_and(|s| s.success()), out.join("\n"))
+}
+
+/// The proof a listener is healthy: a fresh subscriber receives a fresh publish.
+pub fn assert_exchange(port: &str, tag: &str) {
+    let topic = format!("edge/check/{tag}");
+    let sub = Sub::start(port, &["-t", &topic, "-q", "1"]);
+    let (ok, out) = publish(port, &["-t", &topic, "-m", tag, "-q", "1"]);
+    assert!(ok, "publish after {tag} failed: {out}");
+    let got = sub.next(Duration::from_secs(5));
+    assert_eq!(
+        got.as_deref(),
+        Some(format!("{topic} {tag}").as_str()),
+        "exchange after {tag}"
+    );
+}
+
+/// A raw TCP connection for hand-made packets.
+pub fn raw(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+/// An MQTT 3.1.1 CONNECT.
+pub fn connect_v311(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Reads until EOF or error; true if the peer closed the connection.
+pub fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Writes, ignoring a peer that already closed.
+pub fn send(s: &mut TcpStream, bytes: &[u8]) {
+    let _ = s.write_all(bytes);
+}
+
+/// A deterministic byte generator (xorshift), so a failing fuzz case can be replayed.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
