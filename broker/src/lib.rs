@@ -210,6 +210,7 @@ impl Broker {
                     tracker.clone(),
                 ));
             }
+            tracker.spawn(trim_when_quiet(shared.clone()));
             if let Some(topic) = stats_topic.filter(|_| !shared.config.stats_interval.is_zero()) {
                 tracker.spawn(publish_stats(shared.clone(), topic));
             }
@@ -223,6 +224,34 @@ impl Broker {
             tracker,
             stats,
         })
+    }
+}
+
+/// Trims the heap when the broker has gone quiet after a burst.
+async fn trim_when_quiet(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (0, 0, 0);
+    let mut trimmed = true;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = &shared.stats;
+        let now = (
+            s.connections_total.load(Relaxed),
+            s.messages_in.load(Relaxed),
+            s.connections.load(Relaxed),
+        );
+        if now != last {
+            last = now;
+            trimmed = false;
+        } else if !trimmed {
+            // Nothing happened for a whole tick: a good moment, and only once per burst.
+            stats::trim_heap();
+            trimmed = true;
+        }
     }
 }
 

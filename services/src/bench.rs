@@ -31,6 +31,10 @@ pub struct BenchOptions {
     pub idle_connections: usize,
     /// Payload size in bytes.
     pub payload: usize,
+    /// Distinct topics published to by the memory scenario (each matched by a subscriber).
+    pub topics: usize,
+    /// Distinct client ids that connect and leave in the memory scenario.
+    pub client_ids: usize,
     /// Upper bound on each scenario.
     pub timeout: Duration,
 }
@@ -44,6 +48,8 @@ impl Default for BenchOptions {
             connections: 2000,
             idle_connections: 1000,
             payload: 64,
+            topics: 100_000,
+            client_ids: 10_000,
             timeout: Duration::from_secs(30),
         }
     }
@@ -120,6 +126,14 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             rss_kib(pid)
                 .map(|k| k.to_string())
                 .ok_or_else(|| anyhow!("no /proc")),
+        );
+        push(
+            &format!("RSS after {} distinct topics (KiB)", opts.topics),
+            distinct_topics(target.addr, pid, opts).await,
+        );
+        push(
+            &format!("RSS after {} distinct client ids (KiB)", opts.client_ids),
+            distinct_clients(target.addr, pid, opts).await,
         );
     }
     rows
@@ -463,6 +477,60 @@ async fn idle_memory(addr: SocketAddr, pid: u32, opts: &BenchOptions) -> anyhow:
     drop(held);
     let per = (after.saturating_sub(before) * 1024) / opts.idle_connections.max(1) as u64;
     Ok(format!("{per} B/conn ({before} → {after} KiB)"))
+}
+
+async fn distinct_topics(
+    addr: SocketAddr,
+    pid: u32,
+    opts: &BenchOptions,
+) -> anyhow::Result<String> {
+    let before = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let run = run_id();
+    let (_sub, mut rx, h) = subscriber(
+        addr,
+        format!("bench-{run}-topics"),
+        &format!("bench/{run}/t/#"),
+        QoS::AtMostOnce,
+    )
+    .await?;
+    let (c, el) = client(format!("bench-{run}-tp"), addr);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let drv = drive(el, tx);
+    let t0 = Instant::now();
+    for i in 0..opts.topics {
+        c.publish_bytes(
+            format!("bench/{run}/t/{i}"),
+            QoS::AtMostOnce,
+            false,
+            bytes::Bytes::from_static(b"x"),
+        )
+        .await?;
+    }
+    let got = count_until(&mut rx, opts.topics as u64, t0 + opts.timeout).await;
+    drv.abort();
+    h.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    Ok(format!(
+        "{before} → {after} ({got}/{} delivered)",
+        opts.topics
+    ))
+}
+
+async fn distinct_clients(
+    addr: SocketAddr,
+    pid: u32,
+    opts: &BenchOptions,
+) -> anyhow::Result<String> {
+    let before = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let run = run_id();
+    for i in 0..opts.client_ids {
+        let mut s = open_connected(addr, &format!("churn-{run}-{i}")).await?;
+        s.write_all(&[0xe0, 0]).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    Ok(format!("{before} → {after}"))
 }
 
 /// Resident set size of a process in KiB.

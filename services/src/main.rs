@@ -87,6 +87,12 @@ struct BenchArgs {
     /// Payload bytes.
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Distinct topics published to in the memory scenario.
+    #[arg(long, default_value_t = 100_000)]
+    topics: usize,
+    /// Distinct client ids connecting and leaving in the memory scenario.
+    #[arg(long, default_value_t = 10_000)]
+    client_ids: usize,
 }
 
 fn main() -> ExitCode {
@@ -199,7 +205,7 @@ fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["broker", "--listen", "127.0.0.1:0"])
-        .env("EDGEBUS_LOG", "error")
+        .env("EDGEBUS_LOG", "error,rumqttd=off")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -285,6 +291,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         connections: args.connections,
         idle_connections: args.idle_connections,
         payload: args.payload,
+        topics: args.topics,
+        client_ids: args.client_ids,
         ..BenchOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
