@@ -135,58 +135,7 @@ fn substitute(pattern: &str, who: Principal<'_>) -> Option<String> {
     Some(out)
 }
 
-/// Checks a topic filter: `#` only as the last level, `+` and `#` alone in their level.
-pub fn check_filter(filter: &str) -> Result<(), &'static str> {
-    if filter.is_empty() {
-        return Err("empty filter");
-    }
-    if filter.contains('\0') {
-        return Err("filter contains NUL");
-    }
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-            return Err("`#` must be the whole last level");
-        }
-        if level.contains('+') && level != "+" {
-            return Err("`+` must be a whole level");
-        }
-    }
-    Ok(())
-}
-
-/// Checks a topic name a client publishes to: not empty, no wildcards, no NUL.
-pub fn check_topic(topic: &str) -> Result<(), &'static str> {
-    if topic.is_empty() {
-        return Err("empty topic");
-    }
-    if topic.contains(['+', '#']) {
-        return Err("wildcard in topic name");
-    }
-    if topic.contains('\0') {
-        return Err("topic contains NUL");
-    }
-    Ok(())
-}
-
-/// MQTT topic matching: does `filter` match `topic`? `$`-topics are not matched by a leading
-/// wildcard.
-pub fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use edgebus_runtime::topic::{check_filter, check_topic, matches};
 
 /// Is every topic that `filter` matches also matched by `pattern`?
 fn covers(pattern: &str, filter: &str) -> bool {

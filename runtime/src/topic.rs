@@ -20,18 +20,9 @@ impl Topic {
     /// Checks and wraps a topic name.
     pub fn new(s: impl Into<String>) -> Result<Topic, TopicError> {
         let s = s.into();
-        let reason = if s.is_empty() {
-            Some("empty")
-        } else if s.contains(['+', '#']) {
-            Some("wildcards are not allowed in a topic name")
-        } else if s.contains('\0') {
-            Some("contains NUL")
-        } else {
-            None
-        };
-        match reason {
-            Some(reason) => Err(TopicError { topic: s, reason }),
-            None => Ok(Topic(s)),
+        match check_topic(&s) {
+            Err(reason) => Err(TopicError { topic: s, reason }),
+            Ok(()) => Ok(Topic(s)),
         }
     }
 
@@ -55,18 +46,9 @@ impl TopicFilter {
     /// Checks and wraps a filter.
     pub fn new(s: impl Into<String>) -> Result<TopicFilter, TopicError> {
         let s = s.into();
-        let mut reason = if s.is_empty() { Some("empty") } else { None };
-        let mut levels = s.split('/').peekable();
-        while let Some(level) = levels.next() {
-            if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-                reason = Some("`#` must be the whole last level");
-            } else if level.contains('+') && level != "+" {
-                reason = Some("`+` must be a whole level");
-            }
-        }
-        match reason {
-            Some(reason) => Err(TopicError { topic: s, reason }),
-            None => Ok(TopicFilter(s)),
+        match check_filter(&s) {
+            Err(reason) => Err(TopicError { topic: s, reason }),
+            Ok(()) => Ok(TopicFilter(s)),
         }
     }
 
@@ -77,20 +59,59 @@ impl TopicFilter {
 
     /// Whether this filter matches `topic`.
     pub fn matches(&self, topic: &Topic) -> bool {
-        let t = topic.as_str();
-        if t.starts_with('$') && (self.0.starts_with('+') || self.0.starts_with('#')) {
-            return false;
+        matches(&self.0, topic.as_str())
+    }
+}
+
+/// Checks a topic name: not empty, no wildcards, no NUL.
+pub fn check_topic(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        return Err("empty topic");
+    }
+    if topic.contains(['+', '#']) {
+        return Err("wildcards are not allowed in a topic name");
+    }
+    if topic.contains('\0') {
+        return Err("topic contains NUL");
+    }
+    Ok(())
+}
+
+/// Checks a topic filter: `#` only as the whole last level, `+` alone in its level, no NUL.
+pub fn check_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("empty filter");
+    }
+    if filter.contains('\0') {
+        return Err("filter contains NUL");
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Err("`#` must be the whole last level");
         }
-        let mut f = self.0.split('/');
-        let mut t = t.split('/');
-        loop {
-            match (f.next(), t.next()) {
-                (Some("#"), _) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(a), Some(b)) if a == b => {}
-                (None, None) => return true,
-                _ => return false,
-            }
+        if level.contains('+') && level != "+" {
+            return Err("`+` must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+/// MQTT topic matching: does `filter` match `topic`? A leading wildcard does not match a
+/// `$`-topic.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
         }
     }
 }

@@ -84,7 +84,7 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             value: r.unwrap_or_else(|e| format!("error: {e:#}")),
         });
     };
-    let rss_idle = target.pid.and_then(rss_kib);
+    let rss_idle = target.pid.map(rss).transpose();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let q = qos as u8;
         push(
@@ -107,13 +107,8 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
         "connection rate (CONNECT→CONNACK/s)",
         connection_rate(target.addr, opts).await,
     );
-    if let Some(pid) = target.pid {
-        push(
-            "RSS idle (KiB)",
-            rss_idle
-                .map(|k| k.to_string())
-                .ok_or_else(|| anyhow!("no /proc")),
-        );
+    if let (Some(pid), Ok(Some(idle))) = (target.pid, rss_idle) {
+        push("RSS idle (KiB)", Ok(idle.to_string()));
         push(
             &format!(
                 "RSS per idle connection at {} (bytes)",
@@ -121,12 +116,7 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             ),
             idle_memory(target.addr, pid, opts).await,
         );
-        push(
-            "RSS after load (KiB)",
-            rss_kib(pid)
-                .map(|k| k.to_string())
-                .ok_or_else(|| anyhow!("no /proc")),
-        );
+        push("RSS after load (KiB)", rss(pid).map(|k| k.to_string()));
         push(
             &format!("RSS after {} distinct topics (KiB)", opts.topics),
             distinct_topics(target.addr, pid, opts).await,
@@ -466,14 +456,14 @@ async fn connection_rate(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Resul
 }
 
 async fn idle_memory(addr: SocketAddr, pid: u32, opts: &BenchOptions) -> anyhow::Result<String> {
-    let before = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let before = rss(pid)?;
     let run = run_id();
     let mut held = Vec::with_capacity(opts.idle_connections);
     for i in 0..opts.idle_connections {
         held.push(open_connected(addr, &format!("idle-{run}-{i}")).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let after = rss(pid)?;
     drop(held);
     let per = (after.saturating_sub(before) * 1024) / opts.idle_connections.max(1) as u64;
     Ok(format!("{per} B/conn ({before} → {after} KiB)"))
@@ -484,7 +474,7 @@ async fn distinct_topics(
     pid: u32,
     opts: &BenchOptions,
 ) -> anyhow::Result<String> {
-    let before = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let before = rss(pid)?;
     let run = run_id();
     let (_sub, mut rx, h) = subscriber(
         addr,
@@ -510,7 +500,7 @@ async fn distinct_topics(
     drv.abort();
     h.abort();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let after = rss(pid)?;
     Ok(format!(
         "{before} → {after} ({got}/{} delivered)",
         opts.topics
@@ -522,15 +512,19 @@ async fn distinct_clients(
     pid: u32,
     opts: &BenchOptions,
 ) -> anyhow::Result<String> {
-    let before = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let before = rss(pid)?;
     let run = run_id();
     for i in 0..opts.client_ids {
         let mut s = open_connected(addr, &format!("churn-{run}-{i}")).await?;
         s.write_all(&[0xe0, 0]).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))?;
+    let after = rss(pid)?;
     Ok(format!("{before} → {after}"))
+}
+
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    rss_kib(pid).ok_or_else(|| anyhow!("no /proc for pid {pid}"))
 }
 
 /// Resident set size of a process in KiB.
