@@ -145,10 +145,13 @@ fn client(id: String, addr: SocketAddr) -> (AsyncClient, EventLoop) {
     (c, el)
 }
 
+/// A name unique to one scenario run, so topics and client ids never meet an earlier run's.
 fn run_id() -> String {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
     format!(
-        "{:x}",
-        std::process::id() ^ Instant::now().elapsed().subsec_nanos()
+        "{:x}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
     )
 }
 

@@ -417,64 +417,41 @@ access = "read"
             "1",
         ],
     );
+    // Alice's credentials in front of a tool's own arguments.
+    let as_alice = |args: &[&'static str]| [&alice[..], args].concat();
     // Subscribe: outside alice's tree, and overlapping a deny.
     for filter in ["edge/#", "edge/alice/#"] {
-        let s = Sub::start_nowait(&p, &[&alice[..], &["-t", filter]].concat());
+        let s = Sub::start_nowait(&p, &as_alice(&["-t", filter]));
         s.0.expect_line("All subscription requests were denied", T);
     }
-    let mine = Sub::start(
-        &p,
-        &[&alice[..], &["-t", "edge/alice/ok", "-q", "1"]].concat(),
-    );
+    let mine = Sub::start(&p, &as_alice(&["-t", "edge/alice/ok", "-q", "1"]));
     // Publish: denied (MQTT 5 gets reason 0x87), then allowed.
     let (_, out) = publish(
         &p,
-        &[
-            &alice[..],
-            &[
-                "-t",
-                "edge/alice/secret",
-                "-m",
-                "s",
-                "-q",
-                "1",
-                "-V",
-                "mqttv5",
-            ],
-        ]
-        .concat(),
+        &as_alice(&[
+            "-t",
+            "edge/alice/secret",
+            "-m",
+            "s",
+            "-q",
+            "1",
+            "-V",
+            "mqttv5",
+        ]),
     );
     assert!(out.contains("Not authorized"), "{out}");
-    assert!(
-        publish(
-            &p,
-            &[
-                &alice[..],
-                &["-t", "edge/alice/secret", "-m", "s", "-q", "2"]
-            ]
-            .concat()
-        )
-        .0,
-        "3.1.1 QoS 2 denial must complete"
+    let (ok, out) = publish(
+        &p,
+        &as_alice(&["-t", "edge/alice/secret", "-m", "s", "-q", "2"]),
     );
-    assert!(
-        publish(
-            &p,
-            &[&alice[..], &["-t", "edge/bob/x", "-m", "b", "-q", "1"]].concat()
-        )
-        .0
+    assert!(ok, "3.1.1 QoS 2 denial must complete: {out}");
+    let (ok, out) = publish(&p, &as_alice(&["-t", "edge/bob/x", "-m", "b", "-q", "1"]));
+    assert!(ok, "{out}");
+    let (ok, out) = publish(
+        &p,
+        &as_alice(&["-t", "edge/alice/ok", "-m", "fine", "-q", "1"]),
     );
-    assert!(
-        publish(
-            &p,
-            &[
-                &alice[..],
-                &["-t", "edge/alice/ok", "-m", "fine", "-q", "1"]
-            ]
-            .concat()
-        )
-        .0
-    );
+    assert!(ok, "{out}");
     assert_eq!(
         admin.next(T).as_deref(),
         Some("edge/alice/ok fine"),

@@ -158,12 +158,13 @@ impl Broker {
                 "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"200ms\"\n{broker_toml}\n"
             ),
         );
-        let mut b = Broker::start_config(&cfg);
+        let mut b = Broker::start_config(&cfg, broker_toml.contains("websocket"));
         b._dir = Some(dir);
         b
     }
 
-    pub fn start_config(cfg: &Path) -> Broker {
+    /// Starts `edgebus broker -c cfg`; `websocket` says whether the config has that listener.
+    pub fn start_config(cfg: &Path, websocket: bool) -> Broker {
         let mut cmd = edgebus();
         cmd.arg("broker").arg("-c").arg(cfg);
         let proc = Proc::spawn(cmd);
@@ -173,9 +174,14 @@ impl Broker {
             .next()
             .and_then(|a| a.parse().ok())
             .expect("address");
-        let ws = proc
-            .find_line("edgebus websocket listening on", Duration::from_millis(200))
-            .and_then(|l| l.rsplit(' ').next().and_then(|a| a.parse().ok()));
+        // Printed right after the MQTT line, only when configured: no waiting otherwise.
+        let ws = websocket.then(|| {
+            let l = proc.expect_line("edgebus websocket listening on", Duration::from_secs(5));
+            l.rsplit(' ')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("websocket address")
+        });
         Broker {
             proc,
             addr,
