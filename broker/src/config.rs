@@ -3,14 +3,14 @@
 //! Every default lives in the one `Default` impl below; every key is typed (durations are
 //! strings like `"5s"`, sizes strings like `"256KiB"`), and unknown keys are errors.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::acl::AclConfig;
+pub use edgebus_runtime::config::{duration, ByteSize};
 
 /// Settings of the embedded broker.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -106,110 +106,6 @@ pub enum SharedStrategy {
     Sticky,
 }
 
-/// A byte count, written in topics.toml as an integer or a string such as `"256KiB"` or `"1MB"`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    /// The size in bytes, as a `usize`.
-    pub fn as_usize(self) -> usize {
-        usize::try_from(self.0).unwrap_or(usize::MAX)
-    }
-
-    /// Parses `"256KiB"`, `"1 MB"`, `"4096"`, `"10B"`.
-    pub fn parse(s: &str) -> Result<ByteSize, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let num: f64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size (expected e.g. \"256KiB\")"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "kib" | "k" => 1 << 10,
-            "mb" => 1_000_000,
-            "mib" | "m" => 1 << 20,
-            "gb" => 1_000_000_000,
-            "gib" | "g" => 1 << 30,
-            other => return Err(format!("unknown size unit `{other}` in `{s}`")),
-        };
-        Ok(ByteSize((num * mult as f64) as u64))
-    }
-}
-
-impl fmt::Debug for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        if b >= 1 << 20 && b % (1 << 20) == 0 {
-            write!(f, "{}MiB", b >> 20)
-        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
-            write!(f, "{}KiB", b >> 10)
-        } else {
-            write!(f, "{b}B")
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as \"256KiB\" or a number of bytes")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size cannot be negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// Serde helpers for durations written as `"500ms"`, `"2s"`, `"1m 30s"`.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Writes a duration as a humantime string.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-
-    /// Reads a duration from a humantime string.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\""
-            ))
-        })
-    }
-}
 
 impl BrokerConfig {
     /// Checks what serde cannot: relations between values.

@@ -1,8 +1,41 @@
 //! edgebus-runtime: the library every edgebus service links.
 //!
 //! # Layout
-//! - [`config`]: the `[bus]` part of topics.toml.
+//! - [`config`]: the `[bus]` part of topics.toml, and the duration and size types it uses.
+//! - [`contract`]: the `[[service]]` part of topics.toml: endpoints, events, schemas.
 //! - [`topic`]: validated topic names and filters, and the topic grammar the broker shares.
+//! - [`wire`]: error codes, the reply body, request metadata.
+//!
+//! With the `client` feature (on by default):
+//! - [`bus`]: one resilient MQTT 5 connection per process.
+//! - [`request`]: the client side of request/response.
+//! - [`service`]: services, endpoints and the serving loop.
+//! - [`events`]: event envelopes, typed event streams, batching.
+//! - [`stats`]: per-endpoint counters and latency percentiles.
 
 pub mod config;
+pub mod contract;
 pub mod topic;
+pub mod wire;
+
+#[cfg(feature = "client")]
+pub mod bus;
+#[cfg(feature = "client")]
+pub mod events;
+#[cfg(feature = "client")]
+pub mod request;
+#[cfg(feature = "client")]
+pub mod service;
+#[cfg(feature = "client")]
+pub mod stats;
+
+/// What a service author needs, in one import.
+#[cfg(feature = "client")]
+pub mod prelude {
+    pub use crate::bus::{Bus, BusOptions, Message, PublishOptions};
+    pub use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
+    pub use crate::events::{Event, EventStream};
+    pub use crate::request::{RequestError, RequestOptions};
+    pub use crate::service::{Request, Service, ServiceBuilder};
+    pub use crate::wire::{code, ServiceError};
+}

@@ -1,0 +1,928 @@
+//! One resilient MQTT 5 connection per process, shared by every part of a service.
+//!
+//! A single task owns rumqttc's event loop. Handles ([`Bus`]) publish through rumqttc's bounded
+//! request channel and receive through bounded per-subscription channels. What rumqttc leaves
+//! to its user is done here (see the rumqtt notes, section 4):
+//! - reconnects back off exponentially with jitter instead of spinning;
+//! - every CONNACK re-subscribes every filter, then re-publishes what was in flight or queued
+//!   when the connection broke (rumqttc would discard it on a clean session);
+//! - TCP_NODELAY on, packet limits and the v5 in-flight window set, so a v5 client costs
+//!   kilobytes rather than 14 MB;
+//! - a publish while disconnected waits at most `publish_timeout` for queue space, then fails
+//!   with [`BusError::Backpressure`]; every such drop is counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWill, LastWillProperties, Packet, Publish, PublishProperties, Subscribe,
+    SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request};
+use rumqttc::Outgoing;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::topic::{check_filter, check_topic, matches};
+
+/// How a [`Bus`] connects.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// Broker address, `host:port`.
+    pub broker: String,
+    /// MQTT client id; unique per process.
+    pub client_id: String,
+    /// Topic prefix (`edge`).
+    pub prefix: String,
+    /// Username and password, if the broker wants them.
+    pub credentials: Option<(String, String)>,
+    /// MQTT keep-alive (at least 5 s: rumqttc's v5 client refuses less). A dead broker is
+    /// noticed after about twice this.
+    pub keep_alive: Duration,
+    /// Publishes queued while the connection is busy or down.
+    pub queue_capacity: usize,
+    /// How long `publish` waits for queue space before failing.
+    pub publish_timeout: Duration,
+    /// Largest payload this bus publishes (the broker's `max_payload`); larger ones fail at
+    /// once instead of getting the connection closed.
+    pub max_payload: usize,
+    /// Largest packet accepted from the broker.
+    pub max_incoming_packet: u32,
+    /// Outgoing QoS 1 messages in flight before the client waits for acks.
+    pub inflight: u16,
+    /// First reconnect delay; doubles per failure up to `backoff_max`, with ±25 % jitter.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Messages kept to re-publish after a reconnect; beyond it the oldest are dropped (counted).
+    pub requeue_limit: usize,
+    /// Buffer of each subscription; a consumer that falls further behind loses messages,
+    /// counted per subscription.
+    pub subscription_buffer: usize,
+    /// Topic replies to this client's requests come back on.
+    pub reply_topic: Option<String>,
+    /// Last Will, published by the broker when this connection dies.
+    pub will: Option<Will>,
+}
+
+/// A Last Will message.
+#[derive(Debug, Clone)]
+pub struct Will {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS 0 or 1.
+    pub qos: u8,
+    /// Retained or not.
+    pub retain: bool,
+}
+
+impl BusOptions {
+    /// Options with defaults for a small host: 5 s keep-alive, 256-message queue, 256 KiB payloads.
+    pub fn new(broker: impl Into<String>, client_id: impl Into<String>) -> BusOptions {
+        BusOptions {
+            broker: broker.into(),
+            client_id: client_id.into(),
+            prefix: "edge".into(),
+            credentials: None,
+            keep_alive: Duration::from_secs(5),
+            queue_capacity: 256,
+            publish_timeout: Duration::from_secs(2),
+            max_payload: 256 * 1024,
+            max_incoming_packet: 1024 * 1024 + 1024,
+            inflight: 100,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            requeue_limit: 1024,
+            subscription_buffer: 1024,
+            reply_topic: None,
+            will: None,
+        }
+    }
+
+    /// Sets the topic prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// Why a bus operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The bus was closed.
+    #[error("the bus is closed")]
+    Closed,
+    /// The publish queue stayed full for `publish_timeout` (broker down or too slow).
+    #[error("publish queue full for {0:?} (broker unreachable or too slow); message dropped")]
+    Backpressure(Duration),
+    /// The payload exceeds `max_payload`.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The broker address is not `host:port`.
+    #[error("broker address `{0}` is not host:port")]
+    InvalidAddress(String),
+    /// A topic or filter is not valid.
+    #[error("invalid topic `{0}`: {1}")]
+    InvalidTopic(String, &'static str),
+}
+
+/// A message received from the broker.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// QoS it arrived with.
+    pub qos: u8,
+    /// Whether it is a retained message sent on subscription.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: Option<PublishProperties>,
+    /// When it arrived.
+    pub received: Instant,
+}
+
+impl Message {
+    /// The MQTT 5 response topic, if any.
+    pub fn response_topic(&self) -> Option<&str> {
+        self.properties.as_ref()?.response_topic.as_deref()
+    }
+
+    /// The MQTT 5 correlation data, if any.
+    pub fn correlation_data(&self) -> Option<&Bytes> {
+        self.properties.as_ref()?.correlation_data.as_ref()
+    }
+
+    /// The MQTT 5 user property `key`, if any.
+    pub fn user_property(&self, key: &str) -> Option<&str> {
+        self.properties
+            .as_ref()?
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What to attach to a publish.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// QoS 0 or 1.
+    pub qos: u8,
+    /// Retain at the broker.
+    pub retain: bool,
+    /// MQTT 5 properties (response topic, correlation data, user properties, expiry).
+    pub properties: Option<PublishProperties>,
+}
+
+impl PublishOptions {
+    /// QoS `qos`, not retained, no properties.
+    pub fn qos(qos: u8) -> Self {
+        PublishOptions {
+            qos,
+            ..Default::default()
+        }
+    }
+}
+
+/// Counters of one bus; all monotonic except `connected`.
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct BusStats {
+    /// Whether the connection is up.
+    pub connected: bool,
+    /// Successful connects (the first one included).
+    pub connects: u64,
+    /// Messages handed to the connection.
+    pub published: u64,
+    /// Publishes that failed (queue full, too large, closed).
+    pub publish_failed: u64,
+    /// Messages re-published after a reconnect.
+    pub republished: u64,
+    /// Messages dropped from the re-publish queue because it was full.
+    pub requeue_dropped: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Messages dropped because a subscription's buffer was full.
+    pub dropped_incoming: u64,
+    /// Subscriptions the broker refused.
+    pub subscribe_refused: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicU64,
+    published: AtomicU64,
+    publish_failed: AtomicU64,
+    republished: AtomicU64,
+    requeue_dropped: AtomicU64,
+    received: AtomicU64,
+    dropped_incoming: AtomicU64,
+    subscribe_refused: AtomicU64,
+}
+
+/// Called with a message a full subscription buffer could not take.
+pub type OverflowFn = Box<dyn Fn(Message) + Send + Sync>;
+
+struct Subscription {
+    id: u64,
+    /// What is sent to the broker (may be `$share/{group}/…`).
+    filter: String,
+    /// What incoming topics are matched against.
+    matcher: String,
+    qos: QoS,
+    tx: mpsc::Sender<Message>,
+    dropped: Arc<AtomicU64>,
+    overflow: Option<OverflowFn>,
+}
+
+type ConnectHook = Box<dyn Fn(&Bus) + Send + Sync>;
+
+struct Inner {
+    client: AsyncClient,
+    options: BusOptions,
+    subs: RwLock<Vec<Arc<Subscription>>>,
+    next_sub: AtomicU64,
+    counters: Counters,
+    connected: watch::Sender<bool>,
+    hooks: Mutex<Vec<ConnectHook>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    next_request: AtomicU64,
+    request_nonce: u64,
+    unmatched_replies: AtomicU64,
+    closing: AtomicBool,
+    shutdown: CancellationToken,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// A handle on the bus connection; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("client_id", &self.inner.options.client_id)
+            .field("broker", &self.inner.options.broker)
+            .finish()
+    }
+}
+
+/// A stream of messages from one subscription.
+#[derive(Debug)]
+pub struct Subscriber {
+    rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+    filter: String,
+}
+
+impl Subscriber {
+    /// The next message; `None` once the bus is closed.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// Messages lost because this subscriber fell more than its buffer behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The filter subscribed to.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
+    /// Polls for the next message (for `Stream` implementations).
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn qos_num(q: QoS) -> u8 {
+    match q {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
+    }
+}
+
+/// A fresh random `u64` (for ids and jitter).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = Instant::now().elapsed().as_nanos() as u64;
+        return t ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_le_bytes(b)
+}
+
+impl Bus {
+    /// Starts the connection task and returns at once; the connection comes up in the
+    /// background (see [`Bus::wait_connected`]). Must be called inside a tokio runtime.
+    pub fn connect(options: BusOptions) -> Result<Bus, BusError> {
+        let (host, port) = split_host_port(&options.broker)
+            .ok_or_else(|| BusError::InvalidAddress(options.broker.clone()))?;
+        let mut mqtt = MqttOptions::new(options.client_id.clone(), host, port);
+        mqtt.set_keep_alive(options.keep_alive.max(Duration::from_secs(5)));
+        mqtt.set_clean_start(true);
+        mqtt.set_max_packet_size(Some(options.max_incoming_packet));
+        mqtt.set_outgoing_inflight_upper_limit(options.inflight.max(1));
+        mqtt.set_connection_timeout(5);
+        if let Some((u, p)) = &options.credentials {
+            mqtt.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(w) = &options.will {
+            mqtt.set_last_will(LastWill {
+                topic: Bytes::copy_from_slice(w.topic.as_bytes()),
+                message: w.payload.clone(),
+                qos: qos_of(w.qos),
+                retain: w.retain,
+                properties: Some(LastWillProperties {
+                    delay_interval: None,
+                    payload_format_indicator: Some(1),
+                    message_expiry_interval: None,
+                    content_type: Some("application/json".into()),
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                }),
+            });
+        }
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(5);
+        mqtt.set_network_options(net);
+        let (client, eventloop) = AsyncClient::new(mqtt, options.queue_capacity.max(1));
+        let (connected, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            client,
+            options,
+            subs: RwLock::new(Vec::new()),
+            next_sub: AtomicU64::new(1),
+            counters: Counters::default(),
+            connected,
+            hooks: Mutex::new(Vec::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            request_nonce: random_u64(),
+            unmatched_replies: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            task: Mutex::new(None),
+        });
+        let bus = Bus { inner };
+        if let Some(reply) = bus.inner.options.reply_topic.clone() {
+            bus.register_reply_subscription(reply)?;
+        }
+        let task = tokio::spawn(drive(Arc::downgrade(&bus.inner), eventloop));
+        *lock(&bus.inner.task) = Some(task);
+        Ok(bus)
+    }
+
+    /// The options this bus was made with.
+    pub fn options(&self) -> &BusOptions {
+        &self.inner.options
+    }
+
+    /// The topic prefix (`edge`).
+    pub fn prefix(&self) -> &str {
+        &self.inner.options.prefix
+    }
+
+    /// The MQTT client id.
+    pub fn client_id(&self) -> &str {
+        &self.inner.options.client_id
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Waits until the connection is up, at most `timeout`; returns whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.connected.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver that changes whenever the connection goes up or down.
+    pub fn connection_state(&self) -> watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+
+    /// Runs `hook` after every CONNACK (and now, if connected): births, state to restore.
+    pub fn on_connect(&self, hook: impl Fn(&Bus) + Send + Sync + 'static) {
+        if self.is_connected() {
+            hook(self);
+        }
+        lock(&self.inner.hooks).push(Box::new(hook));
+    }
+
+    /// The bus's counters.
+    pub fn stats(&self) -> BusStats {
+        let c = &self.inner.counters;
+        BusStats {
+            connected: self.is_connected(),
+            connects: c.connects.load(Ordering::Relaxed),
+            published: c.published.load(Ordering::Relaxed),
+            publish_failed: c.publish_failed.load(Ordering::Relaxed),
+            republished: c.republished.load(Ordering::Relaxed),
+            requeue_dropped: c.requeue_dropped.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+            dropped_incoming: c.dropped_incoming.load(Ordering::Relaxed),
+            subscribe_refused: c.subscribe_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Replies that matched no waiting request (late, after a timeout, or duplicated).
+    pub fn unmatched_replies(&self) -> u64 {
+        self.inner.unmatched_replies.load(Ordering::Relaxed)
+    }
+
+    fn check_publish(&self, topic: &str, len: usize) -> Result<(), BusError> {
+        if let Err(reason) = check_topic(topic) {
+            return Err(BusError::InvalidTopic(topic.into(), reason));
+        }
+        let limit = self.inner.options.max_payload;
+        if len > limit {
+            return Err(BusError::TooLarge { size: len, limit });
+        }
+        Ok(())
+    }
+
+    fn count_publish<T>(&self, r: Result<T, BusError>) -> Result<T, BusError> {
+        let c = &self.inner.counters;
+        match &r {
+            Ok(_) => c.published.fetch_add(1, Ordering::Relaxed),
+            Err(_) => c.publish_failed.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+
+    /// Publishes a message. Returns once it is queued for the connection (not when the
+    /// broker acknowledged it). Waits at most `publish_timeout` for queue space.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        options: PublishOptions,
+    ) -> Result<(), BusError> {
+        let payload = payload.into();
+        let r = async {
+            self.check_publish(topic, payload.len())?;
+            if self.inner.closing.load(Ordering::Relaxed) {
+                return Err(BusError::Closed);
+            }
+            let wait = self.inner.options.publish_timeout;
+            let send = self.inner.client.publish_bytes_with_properties(
+                topic,
+                qos_of(options.qos),
+                options.retain,
+                payload,
+                options.properties.unwrap_or_default(),
+            );
+            match tokio::time::timeout(wait, send).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(BusError::Closed),
+                Err(_) => Err(BusError::Backpressure(wait)),
+            }
+        }
+        .await;
+        if let Err(e) = &r {
+            tracing::debug!(topic, error = %e, "publish failed");
+        }
+        self.count_publish(r)
+    }
+
+    /// Publishes without waiting: fails at once when the queue is full.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        options: PublishOptions,
+    ) -> Result<(), BusError> {
+        let payload = payload.into();
+        let r = self.check_publish(topic, payload.len()).and_then(|()| {
+            self.inner
+                .client
+                .try_publish_with_properties(
+                    topic,
+                    qos_of(options.qos),
+                    options.retain,
+                    payload,
+                    options.properties.unwrap_or_default(),
+                )
+                .map_err(|_| BusError::Backpressure(Duration::ZERO))
+        });
+        self.count_publish(r)
+    }
+
+    /// Publishes `value` as JSON.
+    pub async fn publish_json<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        options: PublishOptions,
+    ) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(value).unwrap_or_default();
+        self.publish(topic, payload, options).await
+    }
+
+    /// Subscribes to `filter`. The subscription is restored after every reconnect.
+    pub async fn subscribe(&self, filter: &str, qos: u8) -> Result<Subscriber, BusError> {
+        self.subscribe_with(filter, filter, qos, None).await
+    }
+
+    /// Subscribes through the shared group `group`, so that each message goes to one member.
+    pub async fn subscribe_shared(
+        &self,
+        group: &str,
+        filter: &str,
+        qos: u8,
+    ) -> Result<Subscriber, BusError> {
+        let shared = format!("$share/{group}/{filter}");
+        self.subscribe_with(&shared, filter, qos, None).await
+    }
+
+    /// Subscribes with full control: `wire` is sent to the broker, `matcher` matches incoming
+    /// topics, and `overflow` gets what a full buffer cannot take (instead of counting a drop).
+    pub async fn subscribe_with(
+        &self,
+        wire: &str,
+        matcher: &str,
+        qos: u8,
+        overflow: Option<OverflowFn>,
+    ) -> Result<Subscriber, BusError> {
+        if let Err(reason) = check_filter(matcher) {
+            return Err(BusError::InvalidTopic(matcher.into(), reason));
+        }
+        let (sub, subscriber) = self.new_subscription(wire, matcher, qos, overflow);
+        write(&self.inner.subs).push(sub.clone());
+        // Queued for the connection; if it is down, the next CONNACK subscribes anyway.
+        let req = self
+            .inner
+            .client
+            .subscribe(sub.filter.clone(), sub.qos)
+            .await;
+        if req.is_err() {
+            return Err(BusError::Closed);
+        }
+        Ok(subscriber)
+    }
+
+    fn new_subscription(
+        &self,
+        wire: &str,
+        matcher: &str,
+        qos: u8,
+        overflow: Option<OverflowFn>,
+    ) -> (Arc<Subscription>, Subscriber) {
+        let (tx, rx) = mpsc::channel(self.inner.options.subscription_buffer.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sub = Arc::new(Subscription {
+            id: self.inner.next_sub.fetch_add(1, Ordering::Relaxed),
+            filter: wire.to_owned(),
+            matcher: matcher.to_owned(),
+            qos: qos_of(qos.min(1)),
+            tx,
+            dropped: dropped.clone(),
+            overflow,
+        });
+        let subscriber = Subscriber {
+            rx,
+            dropped,
+            filter: matcher.to_owned(),
+        };
+        (sub, subscriber)
+    }
+
+    fn register_reply_subscription(&self, topic: String) -> Result<(), BusError> {
+        if let Err(reason) = check_topic(&topic) {
+            return Err(BusError::InvalidTopic(topic, reason));
+        }
+        let (sub, mut subscriber) = self.new_subscription(&topic, &topic, 1, None);
+        write(&self.inner.subs).push(sub);
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(msg) = subscriber.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let key = msg
+                    .correlation_data()
+                    .map(|c| String::from_utf8_lossy(c).into_owned());
+                let waiter = key.and_then(|k| lock(&inner.pending).remove(&k));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(msg);
+                    }
+                    None => {
+                        inner.unmatched_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Registers a waiter for a reply and returns its correlation id and receiver. The
+    /// waiter is removed when the receiver's request finishes (see [`ReplyGuard`]).
+    pub(crate) fn expect_reply(&self) -> Option<(ReplyGuard, oneshot::Receiver<Message>)> {
+        self.inner.options.reply_topic.as_ref()?;
+        let n = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}{n:x}", self.inner.request_nonce);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(id.clone(), tx);
+        Some((
+            ReplyGuard {
+                bus: self.clone(),
+                id,
+            },
+            rx,
+        ))
+    }
+
+    /// Closes the connection: queued publishes are flushed (for at most `grace`), then a
+    /// DISCONNECT is sent (so no Last Will is published) and the connection task ends.
+    pub async fn close(&self, grace: Duration) {
+        if self.inner.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let task = lock(&self.inner.task).take();
+        if self.is_connected() {
+            let _ = tokio::time::timeout(grace, self.inner.client.disconnect()).await;
+        }
+        if let Some(task) = task {
+            let stop = self.inner.shutdown.clone();
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                stop.cancel();
+                abort.abort();
+            }
+        }
+        self.inner.shutdown.cancel();
+        self.inner.connected.send_replace(false);
+        write(&self.inner.subs).clear();
+        lock(&self.inner.pending).clear();
+    }
+}
+
+/// Removes a reply waiter when the request is done, however it ends.
+pub(crate) struct ReplyGuard {
+    bus: Bus,
+    pub(crate) id: String,
+}
+
+impl Drop for ReplyGuard {
+    fn drop(&mut self) {
+        lock(&self.bus.inner.pending).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Splits `host:port` (or `[v6]:port`).
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
+fn jitter(d: Duration) -> Duration {
+    // ±25 %.
+    let f = 0.75 + (random_u64() % 1000) as f64 / 2000.0;
+    d.mul_f64(f)
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::Io(io) => format!("{io}"),
+        ConnectionError::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
+        ConnectionError::Timeout(_) => "connect timed out".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The connection task: polls the event loop, reconnects with backoff, dispatches messages.
+async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
+    let shutdown = match weak.upgrade() {
+        Some(inner) => inner.shutdown.clone(),
+        None => return,
+    };
+    let mut backoff: Option<Duration> = None;
+    let mut requeue: VecDeque<Publish> = VecDeque::new();
+    let mut down_since: Option<Instant> = None;
+    let mut failures: u32 = 0;
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = el.poll() => ev,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = None;
+                failures = 0;
+                inner.counters.connects.fetch_add(1, Ordering::Relaxed);
+                // Subscriptions first, then what the last connection left unsent.
+                let subs = read(&inner.subs).clone();
+                let mut pending: VecDeque<Request> = VecDeque::new();
+                let mut seen = std::collections::HashSet::new();
+                let filters: Vec<Filter> = subs
+                    .iter()
+                    .filter(|s| seen.insert(s.filter.clone()))
+                    .map(|s| Filter::new(s.filter.clone(), s.qos))
+                    .collect();
+                for chunk in filters.chunks(64) {
+                    pending.push_back(Request::Subscribe(Subscribe::new_many(
+                        chunk.to_vec(),
+                        None,
+                    )));
+                }
+                let n = requeue.len() as u64;
+                inner.counters.republished.fetch_add(n, Ordering::Relaxed);
+                pending.extend(requeue.drain(..).map(|mut p| {
+                    p.pkid = 0;
+                    p.dup = false;
+                    Request::Publish(p)
+                }));
+                // Whatever rumqttc kept (only on a resumed session; we always start clean).
+                pending.extend(el.pending.drain(..));
+                el.pending = pending;
+                match down_since.take() {
+                    Some(t) => tracing::info!(
+                        broker = %inner.options.broker,
+                        after_ms = t.elapsed().as_millis() as u64,
+                        republished = n,
+                        session_present = ack.session_present,
+                        "reconnected"
+                    ),
+                    None => tracing::debug!(broker = %inner.options.broker, "connected"),
+                }
+                inner.connected.send_replace(true);
+                let bus = Bus {
+                    inner: inner.clone(),
+                };
+                let hooks = lock(&inner.hooks);
+                for h in hooks.iter() {
+                    h(&bus);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&inner, p),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                for code in &ack.return_codes {
+                    if !matches!(code, SubscribeReasonCode::Success(_)) {
+                        inner
+                            .counters
+                            .subscribe_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(reason = ?code, "the broker refused a subscription");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                if inner.closing.load(Ordering::Relaxed) {
+                    inner.connected.send_replace(false);
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if inner.closing.load(Ordering::Relaxed) {
+                    inner.connected.send_replace(false);
+                    return;
+                }
+                // Take what rumqttc would discard on the next clean CONNACK.
+                for req in el.pending.drain(..) {
+                    if let Request::Publish(p) = req {
+                        requeue.push_back(p);
+                    }
+                }
+                let limit = inner.options.requeue_limit;
+                while requeue.len() > limit {
+                    requeue.pop_front();
+                    inner
+                        .counters
+                        .requeue_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let was_up = inner.connected.send_replace(false);
+                failures += 1;
+                if was_up {
+                    down_since = Some(Instant::now());
+                    tracing::warn!(broker = %inner.options.broker, error = %describe(&e), queued = requeue.len(), "connection lost; reconnecting");
+                } else if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(broker = %inner.options.broker, error = %describe(&e), attempts = failures, "cannot connect; retrying");
+                }
+                let opts = &inner.options;
+                let delay = match backoff {
+                    None => opts.backoff_min,
+                    Some(d) => (d * 2).min(opts.backoff_max),
+                };
+                backoff = Some(delay);
+                drop(inner);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(jitter(delay)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(inner: &Arc<Inner>, p: Publish) {
+    inner.counters.received.fetch_add(1, Ordering::Relaxed);
+    let Ok(topic) = std::str::from_utf8(&p.topic) else {
+        tracing::warn!("message with a non-UTF-8 topic ignored");
+        return;
+    };
+    let subs = read(&inner.subs);
+    let msg = Message {
+        topic: topic.to_owned(),
+        payload: p.payload,
+        qos: qos_num(p.qos),
+        retain: p.retain,
+        properties: p.properties,
+        received: Instant::now(),
+    };
+    let mut closed = Vec::new();
+    for s in subs.iter().filter(|s| matches(&s.matcher, topic)) {
+        match s.tx.try_send(msg.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(m)) => match &s.overflow {
+                Some(f) => f(m),
+                None => {
+                    s.dropped.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .counters
+                        .dropped_incoming
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(filter = %s.matcher, "subscriber too slow; message dropped");
+                }
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => closed.push(s.id),
+        }
+    }
+    drop(subs);
+    if !closed.is_empty() {
+        forget(inner, &closed);
+    }
+}
+
+/// Removes subscriptions whose receivers are gone, unsubscribing filters no one else uses.
+fn forget(inner: &Arc<Inner>, ids: &[u64]) {
+    let mut subs = write(&inner.subs);
+    let gone: Vec<Arc<Subscription>> = subs
+        .iter()
+        .filter(|s| ids.contains(&s.id))
+        .cloned()
+        .collect();
+    subs.retain(|s| !ids.contains(&s.id));
+    for g in gone {
+        if !subs.iter().any(|s| s.filter == g.filter) {
+            let _ = inner.client.try_unsubscribe(g.filter.clone());
+        }
+    }
+}

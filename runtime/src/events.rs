@@ -1,0 +1,285 @@
+//! Event streams: a CloudEvents-style envelope, typed subscriptions as a `Stream`, and a
+//! batching publisher.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::bus::{random_u64, Bus, BusError, PublishOptions, Subscriber};
+use crate::service::{EventError, Service};
+use crate::wire::timestamp;
+
+/// One event as it travels: `{"id", "type", "source", "time", "correlation_id", "data"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event<T> {
+    /// Unique id (`{instance}-{seq}` hex).
+    pub id: String,
+    /// `{service}.{event}`, e.g. `hostmetrics.reading`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `{service}/{instance}`.
+    pub source: String,
+    /// When it was made (RFC 3339, UTC).
+    pub time: String,
+    /// The request this event belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The event itself.
+    pub data: T,
+}
+
+/// An event payload that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("undecodable event on `{topic}`: {message}")]
+pub struct DecodeError {
+    /// Where it came from.
+    pub topic: String,
+    /// Why it could not be read.
+    pub message: String,
+}
+
+impl Service {
+    fn envelope<T: Serialize>(
+        &self,
+        name: &str,
+        data: &T,
+        correlation_id: Option<String>,
+    ) -> Result<Event<Value>, EventError> {
+        let spec = self.event_spec(name)?;
+        let data =
+            serde_json::to_value(data).map_err(|e| EventError::Encode(name.into(), e.to_string()))?;
+        if let Some(schema) = &spec.schema {
+            schema.check(&data).map_err(|message| EventError::Schema {
+                event: name.into(),
+                message,
+            })?;
+        }
+        Ok(Event {
+            id: format!("{:016x}", random_u64()),
+            kind: format!("{}.{}", self.name(), name.replace('/', ".")),
+            source: format!("{}/{}", self.name(), self.instance()),
+            time: timestamp(),
+            correlation_id,
+            data,
+        })
+    }
+
+    /// Publishes a declared event.
+    pub async fn emit<T: Serialize>(&self, name: &str, data: &T) -> Result<(), EventError> {
+        self.emit_correlated(name, data, None).await
+    }
+
+    /// Publishes a declared event that belongs to a request.
+    pub async fn emit_correlated<T: Serialize>(
+        &self,
+        name: &str,
+        data: &T,
+        correlation_id: Option<String>,
+    ) -> Result<(), EventError> {
+        let event = self.envelope(name, data, correlation_id)?;
+        let spec = self.event_spec(name)?;
+        let topic = spec.topic(self.bus().prefix(), self.name());
+        let opts = PublishOptions {
+            qos: spec.qos,
+            retain: spec.retain,
+            properties: None,
+        };
+        self.bus().publish_json(&topic, &event, opts).await?;
+        Ok(())
+    }
+
+    /// A publisher that sends events of `name` in batches (a JSON array of envelopes per
+    /// message), flushed when `max_count` are waiting or `interval` has passed. It holds at
+    /// most `4 × max_count` events; beyond that `push` fails and the drop is counted.
+    pub fn batcher(
+        &self,
+        name: &str,
+        max_count: usize,
+        interval: Duration,
+    ) -> Result<Batcher, EventError> {
+        let spec = self.event_spec(name)?.clone();
+        let max_count = max_count.max(1);
+        let (tx, mut rx) = mpsc::channel::<Event<Value>>(max_count * 4);
+        let bus = self.bus().clone();
+        let topic = spec.topic(bus.prefix(), self.name());
+        let opts = PublishOptions {
+            qos: spec.qos,
+            retain: false,
+            properties: None,
+        };
+        let failed = Arc::new(AtomicU64::new(0));
+        let task_failed = failed.clone();
+        tokio::spawn(async move {
+            let mut batch: Vec<Event<Value>> = Vec::with_capacity(max_count);
+            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let (closed, ticked) = tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(ev) => { batch.push(ev); (false, false) }
+                        None => (true, false),
+                    },
+                    _ = tick.tick() => (false, true),
+                };
+                let full = batch.len() >= max_count;
+                if (full || closed || ticked) && !batch.is_empty() {
+                    let n = batch.len() as u64;
+                    if bus.publish_json(&topic, &batch, opts.clone()).await.is_err() {
+                        task_failed.fetch_add(n, Ordering::Relaxed);
+                    }
+                    batch.clear();
+                }
+                if closed {
+                    return;
+                }
+            }
+        });
+        Ok(Batcher {
+            service: self.name().to_owned(),
+            name: name.to_owned(),
+            source: format!("{}/{}", self.name(), self.instance()),
+            schema: spec.schema,
+            tx,
+            dropped: failed,
+        })
+    }
+}
+
+/// Sends events in batches; see [`Service::batcher`].
+#[derive(Debug)]
+pub struct Batcher {
+    service: String,
+    name: String,
+    source: String,
+    schema: Option<crate::contract::Schema>,
+    tx: mpsc::Sender<Event<Value>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Batcher {
+    /// Adds an event to the next batch; fails at once when the batch buffer is full.
+    pub fn push<T: Serialize>(&self, data: &T) -> Result<(), EventError> {
+        let data = serde_json::to_value(data)
+            .map_err(|e| EventError::Encode(self.name.clone(), e.to_string()))?;
+        if let Some(schema) = &self.schema {
+            schema.check(&data).map_err(|message| EventError::Schema {
+                event: self.name.clone(),
+                message,
+            })?;
+        }
+        let ev = Event {
+            id: format!("{:016x}", random_u64()),
+            kind: format!("{}.{}", self.service, self.name.replace('/', ".")),
+            source: self.source.clone(),
+            time: timestamp(),
+            correlation_id: None,
+            data,
+        };
+        self.tx.try_send(ev).map_err(|_| {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            EventError::Bus(BusError::Backpressure(Duration::ZERO))
+        })
+    }
+
+    /// Events dropped: buffer full, or their batch failed to publish.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A typed subscription to events; a `Stream` of `Result<Event<T>, DecodeError>`.
+///
+/// Its buffer is bounded: a consumer that falls behind loses events, and
+/// [`EventStream::lagged`] counts them.
+#[derive(Debug)]
+pub struct EventStream<T> {
+    sub: Subscriber,
+    ready: VecDeque<Result<Event<T>, DecodeError>>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl Bus {
+    /// Subscribes to the events matching `filter`, decoded as `T`.
+    pub async fn events<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+        qos: u8,
+    ) -> Result<EventStream<T>, BusError> {
+        let sub = self.subscribe(filter, qos).await?;
+        Ok(EventStream {
+            sub,
+            ready: VecDeque::new(),
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: DeserializeOwned> EventStream<T> {
+    /// The next event, or a decode error for a payload that is not an event of `T`; `None`
+    /// when the bus is closed.
+    pub async fn next(&mut self) -> Option<Result<Event<T>, DecodeError>> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
+            }
+            let msg = self.sub.recv().await?;
+            self.decode(&msg.topic, &msg.payload);
+        }
+    }
+
+    /// Events lost because this stream fell behind.
+    pub fn lagged(&self) -> u64 {
+        self.sub.dropped()
+    }
+
+    fn decode(&mut self, topic: &str, payload: &[u8]) {
+        let err = |message: String| DecodeError {
+            topic: topic.to_owned(),
+            message,
+        };
+        match serde_json::from_slice::<Value>(payload) {
+            Err(e) => self.ready.push_back(Err(err(format!("malformed JSON: {e}")))),
+            Ok(Value::Array(items)) => {
+                for item in items {
+                    self.ready.push_back(
+                        serde_json::from_value(item).map_err(|e| err(e.to_string())),
+                    );
+                }
+            }
+            Ok(v) => self
+                .ready
+                .push_back(serde_json::from_value(v).map_err(|e| err(e.to_string()))),
+        }
+    }
+}
+
+// Nothing in an `EventStream` is pinned in place: events are only moved out of the queue.
+impl<T> Unpin for EventStream<T> {}
+
+impl<T: DeserializeOwned> Stream for EventStream<T> {
+    type Item = Result<Event<T>, DecodeError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(e) = this.ready.pop_front() {
+                return Poll::Ready(Some(e));
+            }
+            match this.sub.poll_recv(cx) {
+                Poll::Ready(Some(msg)) => this.decode(&msg.topic, &msg.payload),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

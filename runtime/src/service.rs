@@ -1,0 +1,771 @@
+//! Services: a builder, endpoints with async handlers over serde types, and the serving
+//! loop that turns every request into exactly one reply.
+//!
+//! ```no_run
+//! use edgebus_runtime::prelude::*;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::connect(BusOptions::for_service("127.0.0.1:1883", "edge", "greeter", None))?;
+//! let service = ServiceBuilder::new("greeter")
+//!     .endpoint("hello", |req: Request<serde_json::Value>| async move {
+//!         Ok::<_, ServiceError>(serde_json::json!({"hello": req.data["name"]}))
+//!     })
+//!     .start(&bus)
+//!     .await?;
+//! # let _ = service; Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
+use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
+use crate::stats::{EndpointSnapshot, EndpointStats};
+use crate::topic::check_topic;
+use crate::wire::{code, now_ms, timestamp, ErrorBody, ReplyBody, RequestMeta, ServiceError};
+
+/// A request as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Request<T> {
+    /// The payload, with the addressing fields (`reply_to`, `correlation_id`, `session_id`,
+    /// `deadline_ms`) taken out.
+    pub data: T,
+    /// The topic the request came on.
+    pub topic: String,
+    /// The caller's correlation id, if it gave one.
+    pub correlation_id: Option<String>,
+    /// When the caller stops waiting, if it said.
+    pub deadline: Option<Instant>,
+    /// MQTT 5 user properties of the request.
+    pub user_properties: Vec<(String, String)>,
+    /// The bus, for calls to other services.
+    pub bus: Bus,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A type-erased endpoint handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request.
+    fn call(&self, req: Request<Value>) -> BoxFuture<Result<Value, ServiceError>>;
+}
+
+struct FnHandler<F>(F);
+
+impl<F> Handler for FnHandler<F>
+where
+    F: Fn(Request<Value>) -> BoxFuture<Result<Value, ServiceError>> + Send + Sync + 'static,
+{
+    fn call(&self, req: Request<Value>) -> BoxFuture<Result<Value, ServiceError>> {
+        (self.0)(req)
+    }
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The code and topics.toml disagree.
+    #[error("service `{service}`: {message}")]
+    Contract {
+        /// The service.
+        service: String,
+        /// What disagrees.
+        message: String,
+    },
+    /// Subscribing failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Why an event could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The service did not declare this event.
+    #[error("event `{0}` is not declared by this service")]
+    Undeclared(String),
+    /// The data does not fit the event's schema.
+    #[error("event `{event}` does not fit its schema: {message}")]
+    Schema {
+        /// The event.
+        event: String,
+        /// The field that does not fit.
+        message: String,
+    },
+    /// The event could not be encoded.
+    #[error("event `{0}` cannot be encoded: {1}")]
+    Encode(String, String),
+    /// Publishing failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Builds a service: its endpoints, its events, and its contract.
+pub struct ServiceBuilder {
+    spec: ServiceSpec,
+    declared: Option<ServiceSpec>,
+    version: String,
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    max_request: usize,
+}
+
+impl BusOptions {
+    /// Options for one instance of `service`: the client id is the instance id (made up when
+    /// `None`), and replies come back on `{prefix}/system/reply/{instance}`.
+    pub fn for_service(
+        broker: impl Into<String>,
+        prefix: impl Into<String>,
+        service: &str,
+        instance: Option<String>,
+    ) -> BusOptions {
+        let prefix = prefix.into();
+        let instance =
+            instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
+        let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
+        o.reply_topic = Some(format!("{prefix}/system/reply/{instance}"));
+        o
+    }
+}
+
+impl ServiceBuilder {
+    /// A service called `name` (the second topic level).
+    pub fn new(name: impl Into<String>) -> ServiceBuilder {
+        ServiceBuilder {
+            spec: ServiceSpec {
+                name: name.into(),
+                ..Default::default()
+            },
+            declared: None,
+            version: env!("CARGO_PKG_VERSION").into(),
+            handlers: BTreeMap::new(),
+            max_request: 256 * 1024,
+        }
+    }
+
+    /// The version reported in the registry.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// A one-line description.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.spec.description = text.into();
+        self
+    }
+
+    /// Adds a capability word.
+    pub fn capability(mut self, c: impl Into<String>) -> Self {
+        self.spec.capabilities.push(c.into());
+        self
+    }
+
+    /// Adds a tag.
+    pub fn tag(mut self, t: impl Into<String>) -> Self {
+        self.spec.tags.push(t.into());
+        self
+    }
+
+    /// Largest request payload handled; larger ones get `PAYLOAD_TOO_LARGE`.
+    pub fn max_request(mut self, bytes: usize) -> Self {
+        self.max_request = bytes;
+        self
+    }
+
+    /// Binds the service to the `[[service]]` entries of topics.toml. When one declares this
+    /// service, it is the contract: every endpoint and event the code registers must be
+    /// declared there, and its settings (QoS, timeout, concurrency, schema) win.
+    pub fn contract(mut self, services: &[ServiceSpec]) -> Self {
+        self.declared = services.iter().find(|s| s.name == self.spec.name).cloned();
+        self
+    }
+
+    /// Adds an endpoint with default settings and a typed handler. A payload that does not
+    /// decode into `T` gets `BAD_REQUEST` naming the field.
+    pub fn endpoint<T, R, F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + 'static,
+        F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, ServiceError>> + Send + 'static,
+    {
+        self.endpoint_with(EndpointSpec::new(name), handler)
+    }
+
+    /// Adds an endpoint with explicit settings.
+    pub fn endpoint_with<T, R, F, Fut>(mut self, spec: EndpointSpec, handler: F) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + 'static,
+        F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, ServiceError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased = move |req: Request<Value>| -> BoxFuture<Result<Value, ServiceError>> {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let Request {
+                    data,
+                    topic,
+                    correlation_id,
+                    deadline,
+                    user_properties,
+                    bus,
+                } = req;
+                let data: T = serde_json::from_value(data)
+                    .map_err(|e| ServiceError::bad_request(format!("payload: {e}")))?;
+                let out = handler(Request {
+                    data,
+                    topic,
+                    correlation_id,
+                    deadline,
+                    user_properties,
+                    bus,
+                })
+                .await?;
+                serde_json::to_value(out)
+                    .map_err(|e| ServiceError::internal(format!("reply cannot be encoded: {e}")))
+            })
+        };
+        self.handlers
+            .insert(spec.name.clone(), Arc::new(FnHandler(erased)));
+        self.spec.endpoints.retain(|e| e.name != spec.name);
+        self.spec.endpoints.push(spec);
+        self
+    }
+
+    /// Declares an event stream.
+    pub fn event(mut self, spec: EventSpec) -> Self {
+        self.spec.events.retain(|e| e.name != spec.name);
+        self.spec.events.push(spec);
+        self
+    }
+
+    /// The contract as it will run: the code's declarations checked against topics.toml's.
+    pub fn resolve(&self) -> Result<ServiceSpec, StartError> {
+        let err = |message: String| StartError::Contract {
+            service: self.spec.name.clone(),
+            message,
+        };
+        let Some(declared) = &self.declared else {
+            return Ok(self.spec.clone());
+        };
+        let mut spec = declared.clone();
+        for e in &self.spec.endpoints {
+            if !declared.endpoints.iter().any(|d| d.name == e.name) {
+                return Err(err(format!(
+                    "endpoint `{}` is not declared in topics.toml (add a [[service.endpoint]] \
+                     with name = \"{}\")",
+                    e.name, e.name
+                )));
+            }
+        }
+        for d in &declared.endpoints {
+            if !self.handlers.contains_key(&d.name) {
+                return Err(err(format!(
+                    "topics.toml declares endpoint `{}`, which this service does not serve",
+                    d.name
+                )));
+            }
+        }
+        for e in &self.spec.events {
+            if !declared.events.iter().any(|d| d.name == e.name) {
+                return Err(err(format!(
+                    "event `{}` is not declared in topics.toml (add a [[service.event]] with \
+                     name = \"{}\")",
+                    e.name, e.name
+                )));
+            }
+        }
+        if spec.description.is_empty() {
+            spec.description = self.spec.description.clone();
+        }
+        if spec.capabilities.is_empty() {
+            spec.capabilities = self.spec.capabilities.clone();
+        }
+        if spec.tags.is_empty() {
+            spec.tags = self.spec.tags.clone();
+        }
+        Ok(spec)
+    }
+
+    /// Subscribes every endpoint (through the shared group named after the service, so that
+    /// instances share the load) and starts serving.
+    pub async fn start(self, bus: &Bus) -> Result<Service, StartError> {
+        let spec = self.resolve()?;
+        let inner = Arc::new(ServiceInner {
+            name: spec.name.clone(),
+            instance: bus.client_id().to_owned(),
+            version: self.version.clone(),
+            bus: bus.clone(),
+            deadletter: format!("{}/system/deadletter/{}", bus.prefix(), spec.name),
+            started: Instant::now(),
+            stats: spec
+                .endpoints
+                .iter()
+                .map(|e| (e.name.clone(), Arc::new(EndpointStats::default())))
+                .collect(),
+            spec,
+        });
+        let mut tasks = Vec::new();
+        for e in &inner.spec.endpoints {
+            let Some(handler) = self.handlers.get(&e.name).cloned() else {
+                continue;
+            };
+            let base = e.base_topic(bus.prefix(), &inner.name);
+            let ctx = Arc::new(EndpointCtx {
+                service: inner.clone(),
+                spec: e.clone(),
+                request_topic: format!("{base}/request"),
+                result_topic: format!("{base}/result"),
+                error_topic: format!("{base}/error"),
+                handler,
+                stats: inner.stats[&e.name].clone(),
+                max_request: self.max_request,
+                limit: Arc::new(Semaphore::new(e.max_concurrency)),
+            });
+            let overflow_ctx = ctx.clone();
+            let overflow = Box::new(move |msg: Message| {
+                overflow_ctx.stats.reject();
+                let reply = overflow_ctx.prepare(&msg);
+                let err = ErrorBody::unavailable(format!(
+                    "endpoint saturated ({} in flight and the queue full); retry later",
+                    overflow_ctx.spec.max_concurrency
+                ));
+                overflow_ctx.reply_now(&reply, Err(err));
+            });
+            let sub = bus
+                .subscribe_with(
+                    &format!("$share/{}/{}", inner.name, ctx.request_topic),
+                    &ctx.request_topic,
+                    e.qos,
+                    Some(overflow),
+                )
+                .await?;
+            tasks.push(tokio::spawn(serve(ctx, sub)));
+        }
+        tracing::info!(
+            service = %inner.name,
+            instance = %inner.instance,
+            endpoints = inner.spec.endpoints.len(),
+            "service started"
+        );
+        Ok(Service { inner, tasks })
+    }
+}
+
+struct ServiceInner {
+    name: String,
+    instance: String,
+    version: String,
+    bus: Bus,
+    spec: ServiceSpec,
+    deadletter: String,
+    started: Instant,
+    stats: BTreeMap<String, Arc<EndpointStats>>,
+}
+
+/// A running service instance.
+pub struct Service {
+    inner: Arc<ServiceInner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.inner.name)
+            .field("instance", &self.inner.instance)
+            .finish()
+    }
+}
+
+impl Service {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// This instance's id (its MQTT client id).
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// The version given to the builder.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
+    /// The contract the service runs with.
+    pub fn spec(&self) -> &ServiceSpec {
+        &self.inner.spec
+    }
+
+    /// The bus the service runs on.
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    /// Time since start.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Per-endpoint figures.
+    pub fn stats(&self) -> BTreeMap<String, EndpointSnapshot> {
+        self.inner
+            .stats
+            .iter()
+            .map(|(k, v)| (k.clone(), v.snapshot()))
+            .collect()
+    }
+
+    /// All endpoints' figures summed (latencies: the worst endpoint's).
+    pub fn total_stats(&self) -> EndpointSnapshot {
+        let mut t = EndpointSnapshot::default();
+        for s in self.stats().values() {
+            t.requests += s.requests;
+            t.errors += s.errors;
+            t.inflight += s.inflight;
+            t.rejected += s.rejected;
+            t.p50_ms = t.p50_ms.max(s.p50_ms);
+            t.p99_ms = t.p99_ms.max(s.p99_ms);
+        }
+        t
+    }
+
+    pub(crate) fn event_spec(&self, name: &str) -> Result<&EventSpec, EventError> {
+        self.inner
+            .spec
+            .events
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| EventError::Undeclared(name.to_owned()))
+    }
+
+    /// Stops serving: no new requests are taken; those in flight get `grace` to finish.
+    pub async fn stop(self, grace: Duration) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && self.total_stats().inflight > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Everything a request task needs.
+struct EndpointCtx {
+    service: Arc<ServiceInner>,
+    spec: EndpointSpec,
+    request_topic: String,
+    result_topic: String,
+    error_topic: String,
+    handler: Arc<dyn Handler>,
+    stats: Arc<EndpointStats>,
+    max_request: usize,
+    limit: Arc<Semaphore>,
+}
+
+/// Where and how a reply goes.
+#[derive(Debug, Default)]
+struct ReplyTo {
+    /// MQTT 5 response topic, or `reply_to`.
+    topic: Option<String>,
+    correlation_data: Option<Bytes>,
+    correlation_id: Option<String>,
+    session_id: Option<String>,
+    request_id: String,
+    qos: u8,
+}
+
+async fn serve(ctx: Arc<EndpointCtx>, mut sub: crate::bus::Subscriber) {
+    while let Some(msg) = sub.recv().await {
+        let Ok(permit) = ctx.limit.clone().acquire_owned().await else {
+            return;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.handle(msg).await;
+            drop(permit);
+        });
+    }
+}
+
+impl EndpointCtx {
+    /// Reads the reply address from the MQTT 5 properties (no payload parsing).
+    fn prepare(&self, msg: &Message) -> ReplyTo {
+        let correlation_data = msg.correlation_data().cloned();
+        let request_id = match &correlation_data {
+            Some(c) => match std::str::from_utf8(c) {
+                Ok(s) => s.to_owned(),
+                Err(_) => base64::engine::general_purpose::STANDARD.encode(c),
+            },
+            None => format!("{:016x}", random_u64()),
+        };
+        ReplyTo {
+            topic: msg.response_topic().map(str::to_owned),
+            correlation_data,
+            correlation_id: None,
+            session_id: None,
+            request_id,
+            qos: msg.qos.min(self.spec.qos),
+        }
+    }
+
+    async fn handle(&self, msg: Message) {
+        let started = msg.received;
+        self.stats.start();
+        let mut reply = self.prepare(&msg);
+        let result = self.run(&msg, &mut reply).await;
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            if e.code == code::BAD_REQUEST || e.code == code::PAYLOAD_TOO_LARGE {
+                self.dead_letter(&msg, e).await;
+            }
+            tracing::debug!(endpoint = %self.spec.name, code = %e.code, error = %e.message, "request failed");
+        }
+        self.reply(&reply, result).await;
+        self.stats.finish(started.elapsed(), ok);
+    }
+
+    async fn run(&self, msg: &Message, reply: &mut ReplyTo) -> Result<Value, ServiceError> {
+        if msg.payload.len() > self.max_request {
+            return Err(ErrorBody::new(
+                code::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request of {} bytes exceeds this endpoint's limit of {} bytes",
+                    msg.payload.len(),
+                    self.max_request
+                ),
+            ));
+        }
+        let mut data: Value = if msg.payload.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&msg.payload)
+                .map_err(|e| ServiceError::bad_request(format!("malformed JSON: {e}")))?
+        };
+        let meta = RequestMeta::take(&mut data).map_err(ServiceError::bad_request)?;
+        if reply.topic.is_none() {
+            if let Some(to) = &meta.reply_to {
+                match check_topic(to) {
+                    Ok(()) if !to.starts_with('$') => reply.topic = Some(to.clone()),
+                    _ => {
+                        return Err(ServiceError::bad_request(format!(
+                            "field `reply_to`: `{to}` is not a topic name"
+                        )))
+                    }
+                }
+            }
+        }
+        reply.correlation_id = meta.correlation_id.clone();
+        reply.session_id = meta.session_id.clone();
+        if reply.correlation_data.is_none() {
+            if let Some(c) = meta.correlation_id.as_ref().or(meta.session_id.as_ref()) {
+                reply.request_id = c.clone();
+            }
+        }
+        // The earliest of: MQTT 5 expiry, the runtime's `deadline_ms` user property, and
+        // `deadline_ms` in the JSON.
+        let now_ms = now_ms();
+        let mut deadline: Option<Instant> = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| msg.received + Duration::from_secs(u64::from(s)));
+        let user_deadline = msg.user_property("deadline_ms").and_then(|v| v.parse().ok());
+        for ms in [user_deadline, meta.deadline_ms].into_iter().flatten() {
+            let at = msg.received + Duration::from_millis(ms.saturating_sub(now_ms));
+            if ms <= now_ms {
+                return Err(ErrorBody::new(
+                    code::TIMEOUT,
+                    format!(
+                        "deadline passed {} ms before the request was handled",
+                        now_ms - ms
+                    ),
+                ));
+            }
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(ErrorBody::new(
+                code::TIMEOUT,
+                "deadline passed before the request was handled",
+            ));
+        }
+        if let Some(schema) = &self.spec.schema {
+            schema.check(&data).map_err(ServiceError::bad_request)?;
+        }
+        let budget = match deadline {
+            Some(d) => self
+                .spec
+                .timeout
+                .min(d.saturating_duration_since(Instant::now())),
+            None => self.spec.timeout,
+        };
+        let req = Request {
+            data,
+            topic: msg.topic.clone(),
+            correlation_id: meta.correlation_id.or(meta.session_id),
+            deadline,
+            user_properties: msg
+                .properties
+                .as_ref()
+                .map(|p| p.user_properties.clone())
+                .unwrap_or_default(),
+            bus: self.service.bus.clone(),
+        };
+        let fut = AssertUnwindSafe(self.handler.call(req)).catch_unwind();
+        match tokio::time::timeout(budget, fut).await {
+            Err(_) => Err(ErrorBody::new(
+                code::TIMEOUT,
+                format!("handler did not finish within {budget:?}"),
+            )),
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                tracing::error!(service = %self.service.name, endpoint = %self.spec.name, panic = %what, "handler panicked");
+                Err(ServiceError::internal(format!("handler panicked: {what}")))
+            }
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    fn encode(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) -> (String, Vec<u8>, PublishOptions) {
+        let (success, data, error) = match result {
+            Ok(v) => (true, Some(v), None),
+            Err(e) => (false, None, Some(e)),
+        };
+        let status = error.as_ref().map_or_else(|| "ok".to_owned(), |e| e.code.clone());
+        let topic = match &reply.topic {
+            Some(t) => t.clone(),
+            None if success => self.result_topic.clone(),
+            None => self.error_topic.clone(),
+        };
+        let body = ReplyBody {
+            success,
+            data,
+            error,
+            request_id: reply.request_id.clone(),
+            correlation_id: reply.correlation_id.clone(),
+            session_id: reply.session_id.clone(),
+            service: Some(self.service.name.clone()),
+            instance: Some(self.service.instance.clone()),
+            timestamp: timestamp(),
+        };
+        let mut payload = serde_json::to_vec(&body).unwrap_or_default();
+        let limit = self.service.bus.options().max_payload;
+        if payload.len() > limit {
+            let body = ReplyBody {
+                success: false,
+                data: None,
+                error: Some(ErrorBody::new(
+                    code::PAYLOAD_TOO_LARGE,
+                    format!("reply of {} bytes exceeds the limit of {limit} bytes", payload.len()),
+                )),
+                ..body
+            };
+            payload = serde_json::to_vec(&body).unwrap_or_default();
+        }
+        let properties = PublishProperties {
+            payload_format_indicator: Some(1),
+            correlation_data: reply.correlation_data.clone(),
+            user_properties: vec![("status".into(), status)],
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        let opts = PublishOptions {
+            qos: reply.qos,
+            retain: false,
+            properties: Some(properties),
+        };
+        (topic, payload, opts)
+    }
+
+    async fn reply(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) {
+        let (topic, payload, opts) = self.encode(reply, result);
+        if let Err(e) = self.service.bus.publish(&topic, payload, opts).await {
+            tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
+        }
+    }
+
+    /// Replies without waiting (used where waiting would stall the connection task).
+    fn reply_now(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) {
+        let (topic, payload, opts) = self.encode(reply, result);
+        if let Err(e) = self.service.bus.try_publish(&topic, payload, opts) {
+            tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
+        }
+    }
+
+    async fn dead_letter(&self, msg: &Message, error: &ErrorBody) {
+        let letter = dead_letter_body(
+            &self.service.name,
+            &self.service.instance,
+            &msg.topic,
+            &msg.payload,
+            error,
+        );
+        tracing::warn!(
+            service = %self.service.name,
+            topic = %msg.topic,
+            code = %error.code,
+            error = %error.message,
+            "request refused; dead letter published"
+        );
+        let _ = self
+            .service
+            .bus
+            .publish_json(&self.service.deadletter, &letter, PublishOptions::qos(1))
+            .await;
+    }
+}
+
+/// The body of a dead letter: the original topic and payload (base64 when not UTF-8, and cut
+/// to 64 KiB), the error, and when.
+pub fn dead_letter_body(
+    service: &str,
+    instance: &str,
+    topic: &str,
+    payload: &[u8],
+    error: &ErrorBody,
+) -> Value {
+    const KEEP: usize = 64 * 1024;
+    let cut = &payload[..payload.len().min(KEEP)];
+    let mut v = serde_json::json!({
+        "service": service,
+        "instance": instance,
+        "topic": topic,
+        "payload_bytes": payload.len(),
+        "error": error,
+        "time": timestamp(),
+    });
+    match std::str::from_utf8(cut) {
+        Ok(s) => v["payload"] = Value::String(s.to_owned()),
+        Err(_) => {
+            v["payload_base64"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(cut))
+        }
+    }
+    if payload.len() > KEEP {
+        v["truncated"] = Value::Bool(true);
+    }
+    v
+}

@@ -1,0 +1,98 @@
+//! Per-endpoint counters and latency percentiles.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Counters of one endpoint, shared by its request tasks.
+#[derive(Debug)]
+pub struct EndpointStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    inflight: AtomicI64,
+    rejected: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+/// A snapshot of [`EndpointStats`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EndpointSnapshot {
+    /// Requests answered (successes and errors).
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Requests being handled now.
+    pub inflight: u64,
+    /// Requests refused because the endpoint was saturated.
+    pub rejected: u64,
+    /// Median handling time, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile handling time, milliseconds.
+    pub p99_ms: f64,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            inflight: AtomicI64::new(0),
+            rejected: AtomicU64::new(0),
+            // 1 µs to 10 min at 2 significant digits: a few kilobytes.
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 600_000_000, 2).unwrap_or_else(|_| {
+                    Histogram::new(2).unwrap_or_else(|_| unreachable!("2 sigfig is valid"))
+                }),
+            ),
+        }
+    }
+}
+
+impl EndpointStats {
+    /// A request started.
+    pub fn start(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request finished after `took`; `ok` says whether it succeeded.
+    pub fn finish(&self, took: Duration, ok: bool) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = (took.as_micros() as u64).clamp(1, 600_000_000);
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.record(us);
+        }
+    }
+
+    /// A request was refused without being handled.
+    pub fn reject(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current figures.
+    pub fn snapshot(&self) -> EndpointSnapshot {
+        let (p50, p99) = match self.latency.lock() {
+            Ok(h) if !h.is_empty() => (
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+            ),
+            _ => (0.0, 0.0),
+        };
+        EndpointSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            inflight: self.inflight.load(Ordering::Relaxed).max(0) as u64,
+            rejected: self.rejected.load(Ordering::Relaxed),
+            p50_ms: p50,
+            p99_ms: p99,
+        }
+    }
+}
