@@ -667,6 +667,33 @@ impl Bus {
         ))
     }
 
+    /// Waits until everything this bus sent before the call has been processed by the
+    /// broker: a message sent to the bus's own reply topic comes back. Subscriptions made
+    /// before `sync` are active once it returns `true`.
+    pub async fn sync(&self, timeout: Duration) -> bool {
+        let Some((guard, rx)) = self.expect_reply() else {
+            return false;
+        };
+        let Some(topic) = self.inner.options.reply_topic.clone() else {
+            return false;
+        };
+        let props = PublishProperties {
+            correlation_data: Some(Bytes::from(guard.id.clone())),
+            ..Default::default()
+        };
+        let opts = PublishOptions {
+            qos: 1,
+            retain: false,
+            properties: Some(props),
+        };
+        let round_trip = async {
+            self.publish(&topic, Bytes::new(), opts).await.is_ok() && rx.await.is_ok()
+        };
+        tokio::time::timeout(timeout, round_trip)
+            .await
+            .unwrap_or(false)
+    }
+
     /// Closes the connection: queued publishes are flushed (for at most `grace`), then a
     /// DISCONNECT is sent (so no Last Will is published) and the connection task ends.
     pub async fn close(&self, grace: Duration) {

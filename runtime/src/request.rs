@@ -49,7 +49,7 @@ pub enum RequestError {
     #[error("{0}")]
     Remote(ErrorBody),
     /// No reply arrived in time.
-    #[error("TIMEOUT: no reply within {0:?}")]
+    #[error("no reply within {0:?}")]
     Timeout(Duration),
     /// The request could not be sent.
     #[error("request not sent: {0}")]
@@ -134,6 +134,24 @@ impl Bus {
         payload: Bytes,
         options: &RequestOptions,
     ) -> Result<ReplyBody, RequestError> {
+        let reply = self.request_reply(topic, payload, options).await?;
+        if reply.success {
+            Ok(reply)
+        } else {
+            Err(RequestError::Remote(reply.error.unwrap_or_else(|| {
+                ErrorBody::new(code::INTERNAL_ERROR, "error reply without an error body")
+            })))
+        }
+    }
+
+    /// Sends a request and returns whatever reply comes, error replies included; `Err` only
+    /// when no reply could be had.
+    pub async fn request_reply(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        options: &RequestOptions,
+    ) -> Result<ReplyBody, RequestError> {
         let (guard, rx) = self.expect_reply().ok_or(RequestError::NoReplyTopic)?;
         let started = Instant::now();
         let mut user_properties = options.user_properties.clone();
@@ -171,14 +189,6 @@ impl Bus {
             Err(_) => return Err(RequestError::Timeout(options.timeout)),
         };
         drop(guard);
-        let reply: ReplyBody = serde_json::from_slice(&msg.payload)
-            .map_err(|e| RequestError::BadReply(format!("{e}")))?;
-        if reply.success {
-            Ok(reply)
-        } else {
-            Err(RequestError::Remote(reply.error.unwrap_or_else(|| {
-                ErrorBody::new(code::INTERNAL_ERROR, "error reply without an error body")
-            })))
-        }
+        serde_json::from_slice(&msg.payload).map_err(|e| RequestError::BadReply(format!("{e}")))
     }
 }

@@ -363,7 +363,10 @@ impl ServiceBuilder {
             endpoints = inner.spec.endpoints.len(),
             "service started"
         );
-        Ok(Service { inner, tasks })
+        Ok(Service {
+            inner,
+            tasks: Arc::new(std::sync::Mutex::new(tasks)),
+        })
     }
 }
 
@@ -378,10 +381,11 @@ struct ServiceInner {
     stats: BTreeMap<String, Arc<EndpointStats>>,
 }
 
-/// A running service instance.
+/// A running service instance; clones share it.
+#[derive(Clone)]
 pub struct Service {
     inner: Arc<ServiceInner>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -456,9 +460,19 @@ impl Service {
             .ok_or_else(|| EventError::Undeclared(name.to_owned()))
     }
 
+    /// Runs `task` for as long as the service runs; it is stopped by [`Service::stop`].
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
     /// Stops serving: no new requests are taken; those in flight get `grace` to finish.
-    pub async fn stop(self, grace: Duration) {
-        for t in &self.tasks {
+    pub async fn stop(&self, grace: Duration) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in &tasks {
             t.abort();
         }
         let deadline = Instant::now() + grace;

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use edgebus_broker::BrokerConfig;
 use edgebus_runtime::config::BusConfig;
+use edgebus_runtime::contract::{self, ServiceSpec};
 use serde::Deserialize;
+
+use crate::examples::hostmetrics::HostmetricsConfig;
 
 /// The whole of topics.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -15,6 +18,28 @@ pub struct TopicsFile {
     pub bus: BusConfig,
     /// `[broker]`: the embedded broker.
     pub broker: BrokerConfig,
+    /// `[[service]]`: each service's endpoints and events.
+    pub service: Vec<ServiceSpec>,
+    /// `[up]`: what `edgebus up` runs besides the broker.
+    pub up: UpConfig,
+    /// `[hostmetrics]`: settings of the built-in hostmetrics service.
+    pub hostmetrics: HostmetricsConfig,
+}
+
+/// `[up]`: what `edgebus up` runs in one process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    /// Built-in services to run (`echo`, `hostmetrics`).
+    pub services: Vec<String>,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        UpConfig {
+            services: vec!["echo".into(), "hostmetrics".into()],
+        }
+    }
 }
 
 /// A configuration error, located.
@@ -95,6 +120,25 @@ impl TopicsFile {
         };
         file.bus.validate().map_err(|m| locate("bus", m))?;
         file.broker.validate().map_err(|m| locate("broker", m))?;
+        contract::validate(&file.service, &file.bus.prefix).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: find_path(text, &e.path),
+            key: Some(e.path.clone()),
+            message: e.message,
+        })?;
+        for (i, name) in file.up.services.iter().enumerate() {
+            if !crate::examples::BUILTIN.contains(&name.as_str()) {
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "up", "services"),
+                    key: Some(format!("up.services[{i}]")),
+                    message: format!(
+                        "no built-in service `{name}` (built-in: {})",
+                        crate::examples::BUILTIN.join(", ")
+                    ),
+                });
+            }
+        }
         Ok(file)
     }
 }
@@ -123,6 +167,59 @@ fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The line of a key path such as `service[1].endpoint[0].qos`: the key inside the right
+/// `[[service]]` / `[[service.endpoint]]` table, or that table's header.
+fn find_path(text: &str, path: &str) -> Option<usize> {
+    let mut tables: Vec<(String, usize)> = Vec::new();
+    let mut key = None;
+    for part in path.split('.') {
+        match part.split_once('[') {
+            Some((name, rest)) => {
+                let n = rest.trim_end_matches(']').parse().ok()?;
+                tables.push((name.to_owned(), n));
+            }
+            None => key = Some(part),
+        }
+    }
+    // Walk the headers, counting the occurrences of each array table inside its parent.
+    let mut counts: Vec<usize> = vec![0; tables.len()];
+    let mut depth_ok = 0usize;
+    let mut found_header = None;
+    let mut in_target = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_target = false;
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            let levels: Vec<&str> = name.split('.').collect();
+            let d = levels.len();
+            let matches_prefix = d <= tables.len()
+                && levels.iter().zip(&tables).all(|(l, (n, _))| *l == n.as_str());
+            if t.starts_with("[[") && matches_prefix && d <= depth_ok + 1 {
+                let idx = d - 1;
+                counts[idx] += 1;
+                for c in counts.iter_mut().skip(idx + 1) {
+                    *c = 0;
+                }
+                depth_ok = if counts[idx] == tables[idx].1 + 1 { d } else { idx };
+                if depth_ok == tables.len() {
+                    found_header = Some(i + 1);
+                    in_target = true;
+                }
+            }
+            continue;
+        }
+        if in_target {
+            if let Some(k) = key {
+                if t.split_once('=').is_some_and(|(lhs, _)| lhs.trim() == k) {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    found_header
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +241,17 @@ mod tests {
             TopicsFile::parse("[broker]\nmax_conections = 3\n", Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.to_string().contains("max_conections"), "{e}");
+
+        let text = "[[service]]\nname = \"a\"\n[[service.endpoint]]\nname = \"x\"\n\n\
+                    [[service]]\nname = \"b\"\n[[service.endpoint]]\nname = \"x\"\n\
+                    [[service.endpoint]]\nname = \"y\"\nqos = 2\n";
+        let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("service[1].endpoint[1].qos"), "{e}");
+        assert_eq!(e.line, Some(12), "{e}");
+        let text = "[[service]]\nname = \"a\"\n[[service.endpoint]]\nname = \"x\"\ntimeout = \"soon\"\n";
+        let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.to_string().contains("timeout"), "{e}");
 
         let e =
             TopicsFile::parse("[broker]\nsegment_count = 0\n", Path::new("t.toml")).unwrap_err();

@@ -4,7 +4,11 @@
 //! - [`config`]: topics.toml, loaded and validated with located errors.
 //! - [`bench`]: the `edgebus bench` scenarios.
 //! - [`passwd`]: `edgebus passwd`.
+//! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
+//! - [`run`]: running services and making calls from the command line.
 
 pub mod bench;
 pub mod config;
+pub mod examples;
 pub mod passwd;
+pub mod run;

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use edgebus_services::bench::{self, BenchOptions, Target};
 use edgebus_services::config::TopicsFile;
+use edgebus_services::run;
 
 /// edgebus: an MQTT message bus for many small services on one small host.
 #[derive(Debug, Parser)]
@@ -21,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Runs the whole bus in one process (for now: the embedded broker).
+    /// Runs the whole bus in one process: the broker and the services `[up]` lists.
     Up(BrokerArgs),
     /// Runs the embedded MQTT broker (3.1.1 and 5 on one port).
     Broker(BrokerArgs),
@@ -43,6 +44,36 @@ enum Cmd {
     },
     /// Measures brokers: round trips, fan-in, fan-out, connection rate, memory.
     Bench(BenchArgs),
+    /// Runs one built-in service (echo, hostmetrics) against any MQTT broker.
+    Service {
+        /// The service.
+        name: String,
+        /// topics.toml (default: built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The broker, host:port (default: `bus.broker` of topics.toml).
+        #[arg(long)]
+        broker: Option<String>,
+        /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Sends one request and prints the reply; exit status 0 when it succeeded.
+    Call {
+        /// SERVICE/ENDPOINT, or a full request topic ending in /request.
+        target: String,
+        /// The request, JSON (default: {}).
+        payload: Option<String>,
+        /// topics.toml (default: built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The broker, host:port (default: `bus.broker` of topics.toml).
+        #[arg(long)]
+        broker: Option<String>,
+        /// How long to wait for the reply.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,7 +164,44 @@ fn load(config: Option<&Path>) -> anyhow::Result<TopicsFile> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Up(args) | Cmd::Broker(args) => run_broker(args),
+        Cmd::Up(args) => run_up(args),
+        Cmd::Broker(args) => run_broker(args),
+        Cmd::Service {
+            name,
+            config,
+            broker,
+            instance,
+        } => {
+            let file = load(config.as_deref())?;
+            let options = run::service_options(&file, broker.as_deref(), &name, instance);
+            services_runtime()?.block_on(run::run_service(&name, &file, options, signal()))
+        }
+        Cmd::Call {
+            target,
+            payload,
+            config,
+            broker,
+            timeout,
+        } => {
+            let file = load(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (reply, ok) = rt.block_on(run::call(
+                &file,
+                broker.as_deref(),
+                &target,
+                payload.as_deref(),
+                timeout,
+            ))?;
+            println!("{}", serde_json::to_string(&reply)?);
+            if ok {
+                Ok(())
+            } else {
+                let e = reply.error.map(|e| e.to_string()).unwrap_or_default();
+                Err(anyhow!("{e}"))
+            }
+        }
         Cmd::CheckConfig { config } => {
             let file = load(config.as_deref())?;
             let name =
@@ -170,6 +238,78 @@ fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     tracing::info!("signal received; shutting down");
     handle.shutdown(Duration::from_millis(1500));
     Ok(())
+}
+
+/// The runtime services run on: two workers are plenty on a small host.
+fn services_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("edgebus-svc")
+        .enable_all()
+        .build()?)
+}
+
+/// Completes on SIGINT or SIGTERM (inside a tokio runtime).
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `edgebus up`: the broker, then the services `[up]` lists, connected to it over loopback.
+fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
+    let mut file = load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        file.broker.listen = listen;
+    }
+    let stats_topic = format!("{}/system/broker/stats", file.bus.prefix);
+    let handle = edgebus_broker::Broker::start(file.broker.clone(), Some(stats_topic))?;
+    let mut addr = handle.local_addr();
+    println!("edgebus broker listening on {addr}");
+    if let Some(ws) = handle.websocket_addr() {
+        println!("edgebus websocket listening on {ws}");
+    }
+    std::io::stdout().flush().ok();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let rt = services_runtime()?;
+    let result = rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for name in file.up.services.clone() {
+            let options = run::service_options(&file, Some(&addr.to_string()), &name, None);
+            let file = file.clone();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = run::run_service(&name, &file, options, stopped).await {
+                    tracing::error!(service = %name, "{e:#}");
+                }
+            }));
+        }
+        signal().await;
+        tracing::info!("signal received; shutting down");
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    drop(rt);
+    handle.shutdown(Duration::from_millis(1500));
+    result
 }
 
 /// Blocks until SIGINT or SIGTERM.

@@ -1,0 +1,43 @@
+//! `echo`: answers every request with its own data.
+//!
+//! `edge/echo/echo/request` → the request's JSON back as `data`. A JSON object with an
+//! integer `delay_ms` (at most 60000) is answered after that delay, which makes timeouts
+//! and concurrency limits easy to try out.
+
+use std::time::Duration;
+
+use edgebus_runtime::bus::Bus;
+use edgebus_runtime::contract::EndpointSpec;
+use edgebus_runtime::service::{Request, Service, ServiceBuilder, StartError};
+use edgebus_runtime::wire::ServiceError;
+use serde_json::Value;
+
+use crate::config::TopicsFile;
+
+/// The service as built (endpoints, handlers), before it is bound to a bus.
+pub fn builder(file: &TopicsFile) -> ServiceBuilder {
+    let mut spec = EndpointSpec::new("echo");
+    spec.max_concurrency = 64;
+    spec.description = "replies with the request's data; `delay_ms` delays the reply".into();
+    ServiceBuilder::new("echo")
+        .description("answers every request with its own data")
+        .capability("echo")
+        .contract(&file.service)
+        .endpoint_with(spec, echo)
+}
+
+/// Starts `echo` on `bus`.
+pub async fn start(file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
+    builder(file).start(bus).await
+}
+
+async fn echo(req: Request<Value>) -> Result<Value, ServiceError> {
+    if let Some(delay) = req.data.get("delay_ms") {
+        let ms = delay
+            .as_u64()
+            .filter(|ms| *ms <= 60_000)
+            .ok_or_else(|| ServiceError::bad_request("field `delay_ms`: expected 0 to 60000"))?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    Ok(req.data)
+}

@@ -1,0 +1,128 @@
+//! Running services, and single calls, from the command line.
+
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
+use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
+use edgebus_runtime::request::{RequestError, RequestOptions};
+use edgebus_runtime::wire::{timestamp, ReplyBody};
+
+use crate::config::TopicsFile;
+use crate::examples;
+
+/// Bus options for one instance of `service`, from topics.toml and an optional broker override.
+pub fn service_options(
+    file: &TopicsFile,
+    broker: Option<&str>,
+    service: &str,
+    instance: Option<String>,
+) -> BusOptions {
+    let broker = broker.unwrap_or(&file.bus.broker).to_owned();
+    let mut o = BusOptions::for_service(broker, file.bus.prefix.clone(), service, instance);
+    o.max_payload = file.broker.max_payload.0 as usize;
+    o
+}
+
+/// Runs the built-in service `name` until `stop` completes: connects (retrying with backoff
+/// while the broker is away), starts serving, prints `edgebus service NAME ready as INSTANCE`
+/// on stdout once its subscriptions are active, and stops cleanly.
+pub async fn run_service(
+    name: &str,
+    file: &TopicsFile,
+    options: BusOptions,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bus = Bus::connect(options)?;
+    tokio::pin!(stop);
+    let service = tokio::select! {
+        s = examples::start(name, file, &bus) => s?,
+        _ = &mut stop => { bus.close(Duration::from_secs(1)).await; return Ok(()) }
+    };
+    let ready = async {
+        loop {
+            if bus.sync(Duration::from_secs(2)).await {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ready => {
+            println!("edgebus service {name} ready as {}", service.instance());
+            std::io::stdout().flush().ok();
+        }
+        _ = &mut stop => {}
+    }
+    stop.await;
+    tracing::info!(service = name, "stopping");
+    service.stop(Duration::from_secs(2)).await;
+    bus.close(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// The outcome of `edgebus call`: the reply body to print, and whether it succeeded.
+pub async fn call(
+    file: &TopicsFile,
+    broker: Option<&str>,
+    target: &str,
+    payload: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(ReplyBody, bool)> {
+    let payload = payload.unwrap_or("{}");
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(payload) {
+        bail!("the request is not JSON: {e}");
+    }
+    let broker = broker.unwrap_or(&file.bus.broker).to_owned();
+    let mut o = BusOptions::new(
+        broker.clone(),
+        format!("edgebus-call-{:08x}", random_u64() as u32),
+    )
+    .prefix(file.bus.prefix.clone());
+    // One reply topic shared by every `edgebus call`: replies are told apart by their
+    // correlation data, and the broker does not gain a filter per call.
+    o.reply_topic = Some(format!("{}/system/reply/cli", file.bus.prefix));
+    o.max_payload = file.broker.max_payload.0 as usize;
+    o.queue_capacity = 8;
+    let bus = Bus::connect(o)?;
+    if !bus.wait_connected(timeout).await {
+        bus.close(Duration::ZERO).await;
+        return Err(anyhow!("cannot reach the broker at {broker}"));
+    }
+    // The reply subscription must be active before the request goes out.
+    if !bus.sync(timeout).await {
+        bus.close(Duration::ZERO).await;
+        return Err(anyhow!("the broker at {broker} did not answer"));
+    }
+    let topic = bus.request_topic(target);
+    let r = bus
+        .request_reply(
+            &topic,
+            Bytes::from(payload.to_owned()),
+            &RequestOptions::timeout(timeout),
+        )
+        .await;
+    bus.close(Duration::from_millis(500)).await;
+    match r {
+        Ok(reply) => {
+            let ok = reply.success;
+            Ok((reply, ok))
+        }
+        Err(e) => Ok((error_reply(&e), false)),
+    }
+}
+
+fn error_reply(e: &RequestError) -> ReplyBody {
+    ReplyBody {
+        success: false,
+        data: None,
+        error: Some(e.to_body()),
+        request_id: String::new(),
+        correlation_id: None,
+        session_id: None,
+        service: None,
+        instance: None,
+        timestamp: timestamp(),
+    }
+}
