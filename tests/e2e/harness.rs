@@ -165,8 +165,23 @@ impl Broker {
 
     /// Starts `edgebus broker -c cfg`; `websocket` says whether the config has that listener.
     pub fn start_config(cfg: &Path, websocket: bool) -> Broker {
+        Broker::start_args(cfg, websocket, &[])
+    }
+
+    /// Starts a plain broker on a given loopback port (to restart one where it was).
+    pub fn start_on(port: u16) -> Broker {
+        let dir = TempDir::new("broker");
+        let cfg = dir.file("topics.toml", "[broker]\nstats_interval = \"0s\"\n");
+        let listen = format!("127.0.0.1:{port}");
+        let mut b = Broker::start_args(&cfg, false, &["--listen", &listen]);
+        b._dir = Some(dir);
+        b
+    }
+
+    /// Starts `edgebus broker -c cfg ARGS…`.
+    pub fn start_args(cfg: &Path, websocket: bool, args: &[&str]) -> Broker {
         let mut cmd = edgebus();
-        cmd.arg("broker").arg("-c").arg(cfg);
+        cmd.arg("broker").arg("-c").arg(cfg).args(args);
         let proc = Proc::spawn(cmd);
         let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
         let addr = line
@@ -318,4 +333,79 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Debian's `mosquitto` on a free loopback port (MQTT 3.1.1 and 5, anonymous, no persistence).
+pub struct Mosquitto {
+    pub _proc: Proc,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let port = free_port();
+        let dir = TempDir::new("mosquitto");
+        let conf = dir.file(
+            "mosquitto.conf",
+            &format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                 persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+                 log_type notice\nlog_type information\n"
+            ),
+        );
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn(cmd);
+        proc.expect_line(" running", Duration::from_secs(10));
+        Mosquitto {
+            _proc: proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        }
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `edgebus service NAME --broker ADDR [ARGS…]`, started and ready (subscriptions active).
+pub struct Service {
+    pub _proc: Proc,
+    pub instance: String,
+}
+
+impl Service {
+    pub fn start(name: &str, broker: SocketAddr, args: &[&str]) -> Service {
+        let mut cmd = edgebus();
+        cmd.args(["service", name, "--broker", &broker.to_string()])
+            .args(args);
+        let proc = Proc::spawn(cmd);
+        let line = proc.expect_line("ready as", Duration::from_secs(10));
+        let instance = line.rsplit(' ').next().unwrap_or_default().to_owned();
+        Service {
+            _proc: proc,
+            instance,
+        }
+    }
+}
+
+/// Runs `mosquitto_rr` (MQTT 5) to completion; returns success and stdout+stderr.
+pub fn rr(port: &str, args: &[&str]) -> (bool, String) {
+    run_tool("mosquitto_rr", port, args)
+}
+
+/// Parses the JSON after `topic ` in a `Sub` line.
+pub fn json_of(line: &str) -> serde_json::Value {
+    let body = line.split_once(' ').map_or(line, |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }

@@ -3,3 +3,4 @@
 
 mod broker;
 mod harness;
+mod runtime;
