@@ -106,7 +106,6 @@ pub enum SharedStrategy {
     Sticky,
 }
 
-
 impl BrokerConfig {
     /// Checks what serde cannot: relations between values.
     pub fn validate(&self) -> Result<(), String> {

@@ -686,9 +686,8 @@ impl Bus {
             retain: false,
             properties: Some(props),
         };
-        let round_trip = async {
-            self.publish(&topic, Bytes::new(), opts).await.is_ok() && rx.await.is_ok()
-        };
+        let round_trip =
+            async { self.publish(&topic, Bytes::new(), opts).await.is_ok() && rx.await.is_ok() };
         tokio::time::timeout(timeout, round_trip)
             .await
             .unwrap_or(false)
@@ -763,7 +762,9 @@ fn jitter(d: Duration) -> Duration {
 fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => format!("{io}"),
-        ConnectionError::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
         ConnectionError::Timeout(_) => "connect timed out".into(),
         other => other.to_string(),
     }

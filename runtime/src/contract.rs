@@ -240,7 +240,10 @@ pub fn validate(services: &[ServiceSpec], prefix: &str) -> Result<(), ContractEr
                 return Err(err(format!("{at}.qos"), "qos must be 0 or 1".into()));
             }
             if e.timeout.is_zero() {
-                return Err(err(format!("{at}.timeout"), "timeout must be above 0".into()));
+                return Err(err(
+                    format!("{at}.timeout"),
+                    "timeout must be above 0".into(),
+                ));
             }
             if e.max_concurrency == 0 {
                 return Err(err(
@@ -284,7 +287,10 @@ pub fn validate(services: &[ServiceSpec], prefix: &str) -> Result<(), ContractEr
 /// Types: `string`, `number`, `integer`, `boolean`, `object`, `array`, `any`.
 /// Fields not named are allowed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
 pub struct Schema {
     fields: BTreeMap<String, FieldType>,
 }
@@ -396,7 +402,10 @@ impl Schema {
     /// Checks a payload; the error names the first field that does not fit.
     pub fn check(&self, v: &Value) -> Result<(), String> {
         let Some(obj) = v.as_object() else {
-            return Err(format!("payload must be a JSON object, got {}", json_type(v)));
+            return Err(format!(
+                "payload must be a JSON object, got {}",
+                json_type(v)
+            ));
         };
         for (name, t) in &self.fields {
             match obj.get(name) {

@@ -56,8 +56,8 @@ impl Service {
         correlation_id: Option<String>,
     ) -> Result<Event<Value>, EventError> {
         let spec = self.event_spec(name)?;
-        let data =
-            serde_json::to_value(data).map_err(|e| EventError::Encode(name.into(), e.to_string()))?;
+        let data = serde_json::to_value(data)
+            .map_err(|e| EventError::Encode(name.into(), e.to_string()))?;
         if let Some(schema) = &spec.schema {
             schema.check(&data).map_err(|message| EventError::Schema {
                 event: name.into(),
@@ -134,7 +134,11 @@ impl Service {
                 let full = batch.len() >= max_count;
                 if (full || closed || ticked) && !batch.is_empty() {
                     let n = batch.len() as u64;
-                    if bus.publish_json(&topic, &batch, opts.clone()).await.is_err() {
+                    if bus
+                        .publish_json(&topic, &batch, opts.clone())
+                        .await
+                        .is_err()
+                    {
                         task_failed.fetch_add(n, Ordering::Relaxed);
                     }
                     batch.clear();
@@ -248,12 +252,13 @@ impl<T: DeserializeOwned> EventStream<T> {
             message,
         };
         match serde_json::from_slice::<Value>(payload) {
-            Err(e) => self.ready.push_back(Err(err(format!("malformed JSON: {e}")))),
+            Err(e) => self
+                .ready
+                .push_back(Err(err(format!("malformed JSON: {e}")))),
             Ok(Value::Array(items)) => {
                 for item in items {
-                    self.ready.push_back(
-                        serde_json::from_value(item).map_err(|e| err(e.to_string())),
-                    );
+                    self.ready
+                        .push_back(serde_json::from_value(item).map_err(|e| err(e.to_string())));
                 }
             }
             Ok(v) => self

@@ -114,7 +114,8 @@ impl Bus {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let body = serde_json::to_vec(payload).map_err(|e| RequestError::BadReply(e.to_string()))?;
+        let body =
+            serde_json::to_vec(payload).map_err(|e| RequestError::BadReply(e.to_string()))?;
         let reply = self
             .request_raw(
                 &self.request_topic(target),

@@ -602,7 +602,9 @@ impl EndpointCtx {
             .as_ref()
             .and_then(|p| p.message_expiry_interval)
             .map(|s| msg.received + Duration::from_secs(u64::from(s)));
-        let user_deadline = msg.user_property("deadline_ms").and_then(|v| v.parse().ok());
+        let user_deadline = msg
+            .user_property("deadline_ms")
+            .and_then(|v| v.parse().ok());
         for ms in [user_deadline, meta.deadline_ms].into_iter().flatten() {
             let at = msg.received + Duration::from_millis(ms.saturating_sub(now_ms));
             if ms <= now_ms {
@@ -663,12 +665,18 @@ impl EndpointCtx {
         }
     }
 
-    fn encode(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) -> (String, Vec<u8>, PublishOptions) {
+    fn encode(
+        &self,
+        reply: &ReplyTo,
+        result: Result<Value, ServiceError>,
+    ) -> (String, Vec<u8>, PublishOptions) {
         let (success, data, error) = match result {
             Ok(v) => (true, Some(v), None),
             Err(e) => (false, None, Some(e)),
         };
-        let status = error.as_ref().map_or_else(|| "ok".to_owned(), |e| e.code.clone());
+        let status = error
+            .as_ref()
+            .map_or_else(|| "ok".to_owned(), |e| e.code.clone());
         let topic = match &reply.topic {
             Some(t) => t.clone(),
             None if success => self.result_topic.clone(),
@@ -693,7 +701,10 @@ impl EndpointCtx {
                 data: None,
                 error: Some(ErrorBody::new(
                     code::PAYLOAD_TOO_LARGE,
-                    format!("reply of {} bytes exceeds the limit of {limit} bytes", payload.len()),
+                    format!(
+                        "reply of {} bytes exceeds the limit of {limit} bytes",
+                        payload.len()
+                    ),
                 )),
                 ..body
             };

@@ -211,7 +211,9 @@ mod tests {
         let mut v = json!({"reply_to": 3});
         assert!(RequestMeta::take(&mut v).unwrap_err().contains("reply_to"));
         let mut v = json!({"deadline_ms": "soon"});
-        assert!(RequestMeta::take(&mut v).unwrap_err().contains("deadline_ms"));
+        assert!(RequestMeta::take(&mut v)
+            .unwrap_err()
+            .contains("deadline_ms"));
     }
 
     #[test]

@@ -12,7 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use edgebus_runtime::bus::{Bus, BusOptions};
+use edgebus_runtime::request::RequestOptions;
+use edgebus_runtime::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::TopicsFile;
+use crate::examples::echo;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -92,6 +98,14 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             round_trip(target.addr, qos, opts).await,
         );
     }
+    push(
+        "runtime request/response QoS 1 p50 / p99 / p999",
+        runtime_round_trip(target.addr, opts).await,
+    );
+    push(
+        &format!("runtime requests/s, one echo, {RUNTIME_CONCURRENCY} in flight"),
+        runtime_throughput(target.addr, opts).await,
+    );
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let q = qos as u8;
         push(
@@ -296,6 +310,115 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
     if lost > 0 {
         s.push_str(&format!(" ({lost} lost)"));
     }
+    Ok(s)
+}
+
+/// Requests in flight in the runtime throughput scenario.
+const RUNTIME_CONCURRENCY: usize = 32;
+
+/// An in-process `echo` service and a runtime client on `addr`, both synced.
+async fn runtime_pair(addr: SocketAddr) -> anyhow::Result<(Bus, Bus, Service)> {
+    let run = run_id();
+    let file = TopicsFile::default();
+    let server = Bus::connect(BusOptions::for_service(
+        addr.to_string(),
+        "edge",
+        "echo",
+        Some(format!("bench-echo-{run}")),
+    ))?;
+    let service = echo::start(&file, &server).await?;
+    let mut o = BusOptions::new(addr.to_string(), format!("bench-client-{run}"));
+    o.reply_topic = Some(format!("edge/system/reply/bench-client-{run}"));
+    let client = Bus::connect(o)?;
+    for bus in [&server, &client] {
+        if !bus.sync(Duration::from_secs(5)).await {
+            bail!("runtime bus did not connect");
+        }
+    }
+    Ok((server, client, service))
+}
+
+async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<String> {
+    let (server, client, service) = runtime_pair(addr).await?;
+    let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "p": "x".repeat(opts.payload.saturating_sub(8))
+    }))?);
+    let topic = client.request_topic("echo/echo");
+    let ro = RequestOptions::timeout(Duration::from_secs(2));
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let deadline = Instant::now() + opts.timeout;
+    let mut failed = 0;
+    for _ in 0..opts.round_trips {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t0 = Instant::now();
+        match client.request_raw(&topic, payload.clone(), &ro).await {
+            Ok(_) => hist.record(t0.elapsed().as_micros().max(1) as u64)?,
+            Err(_) => failed += 1,
+        }
+    }
+    service.stop(Duration::ZERO).await;
+    client.close(Duration::from_millis(200)).await;
+    server.close(Duration::from_millis(200)).await;
+    if hist.is_empty() {
+        bail!("no request completed");
+    }
+    let mut s = format!(
+        "{} / {} / {} µs",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999)
+    );
+    if failed > 0 {
+        s.push_str(&format!(" ({failed} failed)"));
+    }
+    Ok(s)
+}
+
+async fn runtime_throughput(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<String> {
+    let (server, client, service) = runtime_pair(addr).await?;
+    let total = (opts.messages / 2).max(RUNTIME_CONCURRENCY);
+    let topic = client.request_topic("echo/echo");
+    let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "p": "x".repeat(opts.payload.saturating_sub(8))
+    }))?);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..RUNTIME_CONCURRENCY {
+        let (client, topic, payload, next) =
+            (client.clone(), topic.clone(), payload.clone(), next.clone());
+        let deadline = t0 + opts.timeout;
+        workers.push(tokio::spawn(async move {
+            let ro = RequestOptions::timeout(Duration::from_secs(5));
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total
+                && Instant::now() < deadline
+            {
+                match client.request_raw(&topic, payload.clone(), &ro).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let (o, f) = w.await?;
+        ok += o;
+        failed += f;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    service.stop(Duration::ZERO).await;
+    client.close(Duration::from_millis(200)).await;
+    server.close(Duration::from_millis(200)).await;
+    let mut s = format!("{:.0} req/s ({ok} answered", ok as f64 / secs);
+    if failed > 0 {
+        s.push_str(&format!(", {failed} failed"));
+    }
+    s.push(')');
     Ok(s)
 }
 

@@ -194,14 +194,21 @@ fn find_path(text: &str, path: &str) -> Option<usize> {
             let levels: Vec<&str> = name.split('.').collect();
             let d = levels.len();
             let matches_prefix = d <= tables.len()
-                && levels.iter().zip(&tables).all(|(l, (n, _))| *l == n.as_str());
+                && levels
+                    .iter()
+                    .zip(&tables)
+                    .all(|(l, (n, _))| *l == n.as_str());
             if t.starts_with("[[") && matches_prefix && d <= depth_ok + 1 {
                 let idx = d - 1;
                 counts[idx] += 1;
                 for c in counts.iter_mut().skip(idx + 1) {
                     *c = 0;
                 }
-                depth_ok = if counts[idx] == tables[idx].1 + 1 { d } else { idx };
+                depth_ok = if counts[idx] == tables[idx].1 + 1 {
+                    d
+                } else {
+                    idx
+                };
                 if depth_ok == tables.len() {
                     found_header = Some(i + 1);
                     in_target = true;
@@ -248,7 +255,8 @@ mod tests {
         let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("service[1].endpoint[1].qos"), "{e}");
         assert_eq!(e.line, Some(12), "{e}");
-        let text = "[[service]]\nname = \"a\"\n[[service.endpoint]]\nname = \"x\"\ntimeout = \"soon\"\n";
+        let text =
+            "[[service]]\nname = \"a\"\n[[service.endpoint]]\nname = \"x\"\ntimeout = \"soon\"\n";
         let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.to_string().contains("timeout"), "{e}");

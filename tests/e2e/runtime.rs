@@ -50,8 +50,18 @@ fn request_paths(addr: SocketAddr) {
     let (ok, out) = rr(
         &port,
         &[
-            "-t", "edge/echo/echo/request", "-e", "test/rr/reply", "-m", r#"{"x":1}"#,
-            "-D", "publish", "correlation-data", "corr-42", "-W", "5",
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "test/rr/reply",
+            "-m",
+            r#"{"x":1}"#,
+            "-D",
+            "publish",
+            "correlation-data",
+            "corr-42",
+            "-W",
+            "5",
         ],
     );
     assert!(ok, "mosquitto_rr failed: {out}");
@@ -66,8 +76,14 @@ fn request_paths(addr: SocketAddr) {
     let (ok, out) = publish(
         &port,
         &[
-            "-V", "311", "-q", "1", "-t", "edge/echo/echo/request",
-            "-m", r#"{"reply_to":"test/v311/reply","correlation_id":"c-1","v":5}"#,
+            "-V",
+            "311",
+            "-q",
+            "1",
+            "-t",
+            "edge/echo/echo/request",
+            "-m",
+            r#"{"reply_to":"test/v311/reply","correlation_id":"c-1","v":5}"#,
         ],
     );
     assert!(ok, "{out}");
@@ -75,7 +91,11 @@ fn request_paths(addr: SocketAddr) {
     let reply = json_of(&line);
     assert_eq!(reply["success"], true, "{reply}");
     assert_eq!(reply["correlation_id"], "c-1", "{reply}");
-    assert_eq!(reply["data"], json!({"v": 5}), "the addressing fields are not data: {reply}");
+    assert_eq!(
+        reply["data"],
+        json!({"v": 5}),
+        "the addressing fields are not data: {reply}"
+    );
 
     // 3. No reply address: `.../result`, and `.../error` for a malformed request, which
     //    also goes to the dead letters.
@@ -83,7 +103,14 @@ fn request_paths(addr: SocketAddr) {
     let dead = Sub::start(&port, &["-t", "edge/system/deadletter/echo", "-q", "1"]);
     let (ok, out) = publish(
         &port,
-        &["-q", "1", "-t", "edge/echo/echo/request", "-m", r#"{"session_id":"s-9","n":2}"#],
+        &[
+            "-q",
+            "1",
+            "-t",
+            "edge/echo/echo/request",
+            "-m",
+            r#"{"session_id":"s-9","n":2}"#,
+        ],
     );
     assert!(ok, "{out}");
     let line = sub.find_result("edge/echo/echo/result");
@@ -92,7 +119,10 @@ fn request_paths(addr: SocketAddr) {
     assert_eq!(reply["request_id"], "s-9", "{reply}");
     assert_eq!(reply["data"], json!({"n": 2}), "{reply}");
 
-    let (ok, out) = publish(&port, &["-q", "1", "-t", "edge/echo/echo/request", "-m", "{not json"]);
+    let (ok, out) = publish(
+        &port,
+        &["-q", "1", "-t", "edge/echo/echo/request", "-m", "{not json"],
+    );
     assert!(ok, "{out}");
     let line = sub.find_result("edge/echo/echo/error");
     let reply = json_of(&line);
@@ -106,14 +136,26 @@ fn request_paths(addr: SocketAddr) {
 
     // 4. `edgebus call`: the reply on stdout, exit status by success.
     let out = edgebus()
-        .args(["call", "echo/echo", r#"{"hello":"bus"}"#, "--broker", &addr.to_string()])
+        .args([
+            "call",
+            "echo/echo",
+            r#"{"hello":"bus"}"#,
+            "--broker",
+            &addr.to_string(),
+        ])
         .output()
         .expect("edgebus call");
     assert!(out.status.success(), "{out:?}");
     let reply: Value = serde_json::from_slice(&out.stdout).expect("call output is JSON");
     assert_eq!(reply["data"], json!({"hello": "bus"}));
     let out = edgebus()
-        .args(["call", "echo/echo", r#"{"delay_ms":"soon"}"#, "--broker", &addr.to_string()])
+        .args([
+            "call",
+            "echo/echo",
+            r#"{"delay_ms":"soon"}"#,
+            "--broker",
+            &addr.to_string(),
+        ])
         .output()
         .expect("edgebus call");
     assert!(!out.status.success(), "{out:?}");
@@ -177,7 +219,10 @@ schema = { text = "string", delay_ms = "integer?" }
     };
 
     send(r#"{"text":"ok"}"#);
-    assert_eq!(json_of(&sub.find_result("edge/echo/echo/result"))["data"]["text"], "ok");
+    assert_eq!(
+        json_of(&sub.find_result("edge/echo/echo/result"))["data"]["text"],
+        "ok"
+    );
 
     // Schema: refused before the handler, naming the field.
     send(r#"{"text":5}"#);
@@ -197,14 +242,25 @@ schema = { text = "string", delay_ms = "integer?" }
     send(r#"{"text":"slow","delay_ms":3000}"#);
     let reply = json_of(&sub.find_result("edge/echo/echo/error"));
     assert_eq!(reply["error"]["code"], code::TIMEOUT, "{reply}");
-    assert!(t0.elapsed() < Duration::from_millis(2500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
 
     // Larger than the endpoint takes (256 KiB), smaller than the broker's 1 MiB.
     let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(300 * 1024));
     let file = dir.file("big.json", &big);
     let (ok, out) = publish(
         &port,
-        &["-q", "1", "-t", "edge/echo/echo/request", "-f", &file.display().to_string()],
+        &[
+            "-q",
+            "1",
+            "-t",
+            "edge/echo/echo/request",
+            "-f",
+            &file.display().to_string(),
+        ],
     );
     assert!(ok, "{out}");
     let reply = json_of(&sub.find_result("edge/echo/echo/error"));
@@ -216,7 +272,14 @@ schema = { text = "string", delay_ms = "integer?" }
     let huge = dir.file("huge.json", &"y".repeat(2 * 1024 * 1024));
     let (ok, _) = publish(
         &port,
-        &["-q", "1", "-t", "edge/echo/echo/request", "-f", &huge.display().to_string()],
+        &[
+            "-q",
+            "1",
+            "-t",
+            "edge/echo/echo/request",
+            "-f",
+            &huge.display().to_string(),
+        ],
     );
     assert!(!ok, "the broker must refuse a 2 MiB publish");
     send(r#"{"text":"still here"}"#);
@@ -316,7 +379,10 @@ fn two_instances_share_a_thousand_requests_each_answered_once() {
         for t in tasks {
             t.await.expect("request task");
         }
-        let (na, nb) = (served_a.load(Ordering::Relaxed), served_b.load(Ordering::Relaxed));
+        let (na, nb) = (
+            served_a.load(Ordering::Relaxed),
+            served_b.load(Ordering::Relaxed),
+        );
         assert_eq!(na + nb, 1000);
         assert!(na > 100 && nb > 100, "both instances serve: {na} / {nb}");
         // A second reply to any request would arrive as unmatched; give one a moment to.
@@ -415,9 +481,13 @@ fn events_typed_streams_batches_and_lag() {
         let sub = Sub::start(&port, &["-t", "edge/sensor/events/#", "-q", "1"]);
         let rt = runtime();
         rt.block_on(async {
-            let bus =
-                Bus::connect(BusOptions::for_service(addr.to_string(), "edge", "sensor", None))
-                    .expect("bus");
+            let bus = Bus::connect(BusOptions::for_service(
+                addr.to_string(),
+                "edge",
+                "sensor",
+                None,
+            ))
+            .expect("bus");
             let mut temp = EventSpec::new("temperature");
             temp.qos = 1;
             let svc = ServiceBuilder::new("sensor")
@@ -447,7 +517,10 @@ fn events_typed_streams_batches_and_lag() {
                 assert_eq!(ev.kind, "sensor.temperature");
                 assert!(ev.source.starts_with("sensor/"), "{}", ev.source);
             }
-            let e = svc.emit("humidity", &json!({})).await.expect_err("undeclared");
+            let e = svc
+                .emit("humidity", &json!({}))
+                .await
+                .expect_err("undeclared");
             assert!(matches!(e, EventError::Undeclared(_)), "{e}");
 
             // A batch of 5 is one message holding 5 envelopes.
@@ -478,7 +551,9 @@ fn events_typed_streams_batches_and_lag() {
                 .expect("events");
             assert!(slow_bus.sync(T).await);
             for i in 0..20 {
-                svc.emit("temperature", &json!({"c": i})).await.expect("emit");
+                svc.emit("temperature", &json!({"c": i}))
+                    .await
+                    .expect("emit");
             }
             let deadline = Instant::now() + T;
             while slow.lagged() < 16 && Instant::now() < deadline {
@@ -500,14 +575,29 @@ fn hostmetrics_publishes_readings_and_answers_requests() {
     let dir = TempDir::new("hostmetrics");
     let cfg = config(&dir, "[hostmetrics]\ninterval = \"200ms\"\n");
     let m = Mosquitto::start();
-    let sub = Sub::start(&m.port(), &["-t", "edge/hostmetrics/events/reading", "-q", "0"]);
+    let sub = Sub::start(
+        &m.port(),
+        &["-t", "edge/hostmetrics/events/reading", "-q", "0"],
+    );
     let _svc = Service::start("hostmetrics", m.addr, &["-c", &cfg]);
     let ev = json_of(&sub.next(T).expect("a reading event"));
     assert_eq!(ev["type"], "hostmetrics.reading", "{ev}");
-    assert!(ev["data"]["mem_total_bytes"].as_u64().unwrap_or(0) > 0, "{ev}");
+    assert!(
+        ev["data"]["mem_total_bytes"].as_u64().unwrap_or(0) > 0,
+        "{ev}"
+    );
     let (ok, out) = rr(
         &m.port(),
-        &["-t", "edge/hostmetrics/read/request", "-e", "test/hm", "-m", "{}", "-W", "5"],
+        &[
+            "-t",
+            "edge/hostmetrics/read/request",
+            "-e",
+            "test/hm",
+            "-m",
+            "{}",
+            "-W",
+            "5",
+        ],
     );
     assert!(ok, "{out}");
     let reply: Value = serde_json::from_str(out.trim()).expect("JSON");

@@ -112,7 +112,9 @@ fn temperature() -> Option<f64> {
         .filter_map(|e| std::fs::read_to_string(e.path().join("temp")).ok())
         .filter_map(|t| t.trim().parse::<f64>().ok())
         .map(|milli| milli / 1000.0)
-        .fold(None, |acc: Option<f64>, t| Some(acc.map_or(t, |a| a.max(t))))
+        .fold(None, |acc: Option<f64>, t| {
+            Some(acc.map_or(t, |a| a.max(t)))
+        })
 }
 
 /// The service as built, before it is bound to a bus.

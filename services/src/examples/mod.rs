@@ -23,7 +23,10 @@ pub async fn start(name: &str, file: &TopicsFile, bus: &Bus) -> Result<Service, 
         "hostmetrics" => hostmetrics::start(file, bus).await,
         other => Err(StartError::Contract {
             service: other.to_owned(),
-            message: format!("no built-in service `{other}` (built-in: {})", BUILTIN.join(", ")),
+            message: format!(
+                "no built-in service `{other}` (built-in: {})",
+                BUILTIN.join(", ")
+            ),
         }),
     }
 }
