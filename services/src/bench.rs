@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use edgebus_runtime::bus::{Bus, BusOptions};
 use edgebus_runtime::request::RequestOptions;
 use edgebus_runtime::service::Service;
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::TopicsFile;
