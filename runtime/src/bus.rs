@@ -68,6 +68,8 @@ pub struct BusOptions {
     pub reply_topic: Option<String>,
     /// Last Will, published by the broker when this connection dies.
     pub will: Option<Will>,
+    /// Who this connection is, when it is a service instance (registration and heartbeats).
+    pub presence: Option<crate::presence::Identity>,
 }
 
 /// A Last Will message.
@@ -103,6 +105,7 @@ impl BusOptions {
             subscription_buffer: 1024,
             reply_topic: None,
             will: None,
+            presence: None,
         }
     }
 

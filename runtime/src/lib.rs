@@ -8,6 +8,7 @@
 //!
 //! With the `client` feature (on by default):
 //! - [`bus`]: one resilient MQTT 5 connection per process.
+//! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks.
 //! - [`request`]: the client side of request/response.
 //! - [`service`]: services, endpoints and the serving loop.
 //! - [`events`]: event envelopes, typed event streams, batching.
@@ -23,6 +24,8 @@ pub mod bus;
 #[cfg(feature = "client")]
 pub mod events;
 #[cfg(feature = "client")]
+pub mod presence;
+#[cfg(feature = "client")]
 pub mod request;
 #[cfg(feature = "client")]
 pub mod service;
@@ -35,6 +38,7 @@ pub mod prelude {
     pub use crate::bus::{Bus, BusOptions, Message, PublishOptions};
     pub use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
     pub use crate::events::{Event, EventStream};
+    pub use crate::presence::{Check, Status};
     pub use crate::request::{RequestError, RequestOptions};
     pub use crate::service::{Request, Service, ServiceBuilder};
     pub use crate::wire::{code, ServiceError};

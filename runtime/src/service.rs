@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
 use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
+use crate::presence::{birth_record, Check, Checks, Presence};
 use crate::stats::{EndpointSnapshot, EndpointStats};
 use crate::topic::check_topic;
 use crate::wire::{code, now_ms, timestamp, ErrorBody, ReplyBody, RequestMeta, ServiceError};
@@ -120,6 +121,8 @@ pub struct ServiceBuilder {
     version: String,
     handlers: BTreeMap<String, Arc<dyn Handler>>,
     max_request: usize,
+    heartbeat: Duration,
+    checks: Checks,
 }
 
 impl BusOptions {
@@ -136,6 +139,9 @@ impl BusOptions {
             instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
         let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
         o.reply_topic = Some(format!("{prefix}/system/reply/{instance}"));
+        let identity = crate::presence::Identity::new(service, &instance);
+        o.will = Some(identity.will(&prefix));
+        o.presence = Some(identity);
         o
     }
 }
@@ -152,7 +158,26 @@ impl ServiceBuilder {
             version: env!("CARGO_PKG_VERSION").into(),
             handlers: BTreeMap::new(),
             max_request: 256 * 1024,
+            heartbeat: Duration::from_secs(1),
+            checks: Checks::default(),
         }
+    }
+
+    /// How often the instance publishes its heartbeat (default 1 s; zero: never).
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// Adds a health check, run before every heartbeat (bounded by half the interval). Any
+    /// failed check makes the instance `unhealthy`, any degraded one `degraded`.
+    pub fn health_check<F, Fut>(mut self, name: &str, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Check> + Send + 'static,
+    {
+        self.checks.add(name, check);
+        self
     }
 
     /// The version reported in the registry.
@@ -306,7 +331,20 @@ impl ServiceBuilder {
     /// instances share the load) and starts serving.
     pub async fn start(self, bus: &Bus) -> Result<Service, StartError> {
         let spec = self.resolve()?;
+        let presence = bus.options().presence.clone().and_then(|identity| {
+            if identity.service != spec.name {
+                tracing::warn!(
+                    service = %spec.name,
+                    bus_service = %identity.service,
+                    "the bus was made for another service; this one does not register"
+                );
+                return None;
+            }
+            let birth = birth_record(&identity, &self.version, &spec, bus.prefix(), self.heartbeat);
+            Some(Arc::new(Presence::new(identity, bus.prefix(), birth)))
+        });
         let inner = Arc::new(ServiceInner {
+            presence: presence.clone(),
             name: spec.name.clone(),
             instance: bus.client_id().to_owned(),
             version: self.version.clone(),
@@ -357,6 +395,9 @@ impl ServiceBuilder {
                 .await?;
             tasks.push(tokio::spawn(serve(ctx, sub)));
         }
+        if let Some(p) = &presence {
+            tasks.push(start_presence(p.clone(), &inner, bus, self.heartbeat, self.checks).await?);
+        }
         tracing::info!(
             service = %inner.name,
             instance = %inner.instance,
@@ -371,6 +412,7 @@ impl ServiceBuilder {
 }
 
 struct ServiceInner {
+    presence: Option<Arc<Presence>>,
     name: String,
     instance: String,
     version: String,
@@ -469,8 +511,17 @@ impl Service {
             .push(handle);
     }
 
-    /// Stops serving: no new requests are taken; those in flight get `grace` to finish.
+    /// The instance's incarnation, when it registers.
+    pub fn incarnation(&self) -> Option<u64> {
+        self.inner.presence.as_ref().map(|p| p.identity.incarnation)
+    }
+
+    /// Stops serving: no new requests are taken; those in flight get `grace` to finish; the
+    /// registration becomes `{"state": "offline", "reason": "stopped"}`.
     pub async fn stop(&self, grace: Duration) {
+        if let Some(p) = &self.inner.presence {
+            p.publish_stopped(&self.inner.bus).await;
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in &tasks {
             t.abort();
@@ -479,6 +530,91 @@ impl Service {
         while Instant::now() < deadline && self.total_stats().inflight > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Registers the instance after every CONNACK, re-asserts the registration if something
+/// overwrites it while the instance lives, and publishes heartbeats.
+async fn start_presence(
+    presence: Arc<Presence>,
+    inner: &Arc<ServiceInner>,
+    bus: &Bus,
+    every: Duration,
+    checks: Checks,
+) -> Result<JoinHandle<()>, BusError> {
+    let topic = presence.identity.registration_topic(bus.prefix());
+    let mut own = bus.subscribe(&topic, 1).await?;
+    let hook_presence = presence.clone();
+    bus.on_connect(move |bus| hook_presence.publish_birth(bus));
+    let watch_presence = presence.clone();
+    let watch_bus = bus.clone();
+    let incarnation = presence.identity.incarnation;
+    let watcher = tokio::spawn(async move {
+        while let Some(msg) = own.recv().await {
+            let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+            let ours_online =
+                v["state"] == "online" && v["incarnation"].as_u64() == Some(incarnation);
+            if !ours_online
+                && watch_bus.is_connected()
+                && !watch_presence.stopping.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::info!(record = %v, "registration overwritten while running; re-registering");
+                watch_presence.publish_birth(&watch_bus);
+            }
+        }
+    });
+    let weak = Arc::downgrade(inner);
+    let bus = bus.clone();
+    Ok(tokio::spawn(async move {
+        let _watcher = AbortOnDrop(watcher);
+        if every.is_zero() {
+            return std::future::pending().await;
+        }
+        let hb_topic = presence.identity.heartbeat_topic(bus.prefix());
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            if !bus.is_connected() {
+                continue;
+            }
+            let (status, results) = checks.run(every / 2).await;
+            seq += 1;
+            let mut total = EndpointSnapshot::default();
+            for s in inner.stats.values().map(|s| s.snapshot()) {
+                total.requests += s.requests;
+                total.errors += s.errors;
+                total.inflight += s.inflight;
+                total.rejected += s.rejected;
+                total.p50_ms = total.p50_ms.max(s.p50_ms);
+                total.p99_ms = total.p99_ms.max(s.p99_ms);
+            }
+            let beat = serde_json::json!({
+                "service": presence.identity.service,
+                "instance": presence.identity.instance,
+                "incarnation": presence.identity.incarnation,
+                "seq": seq,
+                "status": status.as_str(),
+                "interval_ms": every.as_millis() as u64,
+                "uptime_s": (inner.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                "checks": results,
+                "stats": total,
+            });
+            drop(inner);
+            let _ = bus
+                .publish_json(&hb_topic, &beat, PublishOptions::qos(0))
+                .await;
+        }
+    }))
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
