@@ -930,3 +930,61 @@ pub fn dead_letter_body(
     }
     v
 }
+
+/// Answers a request message with `error`, routed as the contract says (response topic with
+/// correlation data, `reply_to`, or `{base}/error`), without waiting. For parts of the bus
+/// that answer for others, such as discovery's `NO_RESPONDERS`.
+pub fn reply_error(
+    bus: &Bus,
+    msg: &Message,
+    instance: &str,
+    error: ErrorBody,
+) -> Result<(), BusError> {
+    let mut data: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+    let meta = RequestMeta::take(&mut data).unwrap_or_default();
+    let correlation_data = msg.correlation_data().cloned();
+    let topic = match (msg.response_topic(), &meta.reply_to) {
+        (Some(t), _) => t.to_owned(),
+        (None, Some(t)) if check_topic(t).is_ok() && !t.starts_with('$') => t.clone(),
+        _ => match msg.topic.strip_suffix("/request") {
+            Some(base) => format!("{base}/error"),
+            None => return Ok(()),
+        },
+    };
+    let request_id = match &correlation_data {
+        Some(c) => String::from_utf8_lossy(c).into_owned(),
+        None => meta
+            .correlation_id
+            .clone()
+            .or(meta.session_id.clone())
+            .unwrap_or_else(|| format!("{:016x}", random_u64())),
+    };
+    let status = error.code.clone();
+    let body = ReplyBody {
+        success: false,
+        data: None,
+        error: Some(error),
+        request_id,
+        correlation_id: meta.correlation_id,
+        session_id: meta.session_id,
+        service: None,
+        instance: Some(instance.to_owned()),
+        timestamp: timestamp(),
+    };
+    let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        correlation_data,
+        user_properties: vec![("status".into(), status)],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    bus.try_publish(
+        &topic,
+        serde_json::to_vec(&body).unwrap_or_default(),
+        PublishOptions {
+            qos: msg.qos.min(1),
+            retain: false,
+            properties: Some(properties),
+        },
+    )
+}

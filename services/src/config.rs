@@ -8,7 +8,9 @@ use edgebus_runtime::config::BusConfig;
 use edgebus_runtime::contract::{self, ServiceSpec};
 use serde::Deserialize;
 
+use crate::discovery::DiscoveryConfig;
 use crate::examples::hostmetrics::HostmetricsConfig;
+use crate::health::HealthConfig;
 
 /// The whole of topics.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -24,6 +26,10 @@ pub struct TopicsFile {
     pub up: UpConfig,
     /// `[hostmetrics]`: settings of the built-in hostmetrics service.
     pub hostmetrics: HostmetricsConfig,
+    /// `[discovery]`: the registry.
+    pub discovery: DiscoveryConfig,
+    /// `[health]`: the health monitor.
+    pub health: HealthConfig,
 }
 
 /// `[up]`: what `edgebus up` runs in one process.

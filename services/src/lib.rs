@@ -5,10 +5,15 @@
 //! - [`bench`]: the `edgebus bench` scenarios.
 //! - [`passwd`]: `edgebus passwd`.
 //! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
+//! - [`discovery`], [`health`]: the registry and the health monitor, as services.
+//! - [`views`]: `edgebus services` and `edgebus health`.
 //! - [`run`]: running services and making calls from the command line.
 
 pub mod bench;
 pub mod config;
+pub mod discovery;
 pub mod examples;
+pub mod health;
+pub mod views;
 pub mod passwd;
 pub mod run;

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Runs the whole bus in one process: the broker and the services `[up]` lists.
+    /// Runs the whole bus in one process: the broker, discovery, the health monitor, and the
+    /// services `[up]` lists.
     Up(BrokerArgs),
     /// Runs the embedded MQTT broker (3.1.1 and 5 on one port).
     Broker(BrokerArgs),
@@ -58,6 +59,38 @@ enum Cmd {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Runs the discovery service (the registry, NO_RESPONDERS, the list endpoint).
+    Discovery(PartArgs),
+    /// The health view; `edgebus health monitor` runs the health monitor itself.
+    Health {
+        /// `monitor`: run the health monitor (one systemd unit).
+        #[command(subcommand)]
+        run: Option<HealthCmd>,
+        /// Keep printing alerts as they come.
+        #[arg(long)]
+        watch: bool,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// topics.toml (default: built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The broker, host:port (default: `bus.broker` of topics.toml).
+        #[arg(long)]
+        broker: Option<String>,
+    },
+    /// The registry: every service instance, online and offline.
+    Services {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// topics.toml (default: built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The broker, host:port (default: `bus.broker` of topics.toml).
+        #[arg(long)]
+        broker: Option<String>,
+    },
     /// Sends one request and prints the reply; exit status 0 when it succeeded.
     Call {
         /// SERVICE/ENDPOINT, or a full request topic ending in /request.
@@ -74,6 +107,25 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum HealthCmd {
+    /// Runs the health monitor.
+    Monitor(PartArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PartArgs {
+    /// topics.toml (default: built-in defaults).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// The broker, host:port (default: `bus.broker` of topics.toml).
+    #[arg(long)]
+    broker: Option<String>,
+    /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
+    #[arg(long)]
+    instance: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +228,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = run::service_options(&file, broker.as_deref(), &name, instance);
             services_runtime()?.block_on(run::run_service(&name, &file, options, signal()))
         }
+        Cmd::Discovery(a) => run_part("discovery", a),
+        Cmd::Health {
+            run: Some(HealthCmd::Monitor(a)),
+            ..
+        } => run_part("health-monitor", a),
+        Cmd::Health {
+            run: None,
+            watch,
+            json,
+            config,
+            broker,
+        } => {
+            let file = load(config.as_deref())?;
+            current_thread()?.block_on(edgebus_services::views::health(
+                &file,
+                broker.as_deref(),
+                json,
+                watch,
+            ))
+        }
+        Cmd::Services {
+            json,
+            config,
+            broker,
+        } => {
+            let file = load(config.as_deref())?;
+            current_thread()?.block_on(edgebus_services::views::services(
+                &file,
+                broker.as_deref(),
+                json,
+            ))
+        }
         Cmd::Call {
             target,
             payload,
@@ -240,6 +324,18 @@ fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_part(name: &str, a: PartArgs) -> anyhow::Result<()> {
+    let file = load(a.config.as_deref())?;
+    let options = run::service_options(&file, a.broker.as_deref(), name, a.instance);
+    services_runtime()?.block_on(run::run_service(name, &file, options, signal()))
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 /// The runtime services run on: two workers are plenty on a small host.
 fn services_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -286,7 +382,8 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        for name in file.up.services.clone() {
+        let parts = ["discovery".to_owned(), "health-monitor".to_owned()];
+        for name in parts.into_iter().chain(file.up.services.clone()) {
             let options = run::service_options(&file, Some(&addr.to_string()), &name, None);
             let file = file.clone();
             let mut stop = stop_rx.clone();

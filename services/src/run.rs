@@ -38,7 +38,7 @@ pub async fn run_service(
     let bus = Bus::connect(options)?;
     tokio::pin!(stop);
     let service = tokio::select! {
-        s = examples::start(name, file, &bus) => s?,
+        s = start_part(name, file, &bus) => s?,
         _ = &mut stop => { bus.close(Duration::from_secs(1)).await; return Ok(()) }
     };
     let ready = async {
@@ -60,6 +60,23 @@ pub async fn run_service(
     service.stop(Duration::from_secs(2)).await;
     bus.close(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// Part names that run as services: the built-in examples, `discovery` and `health-monitor`.
+pub async fn start_part(
+    name: &str,
+    file: &TopicsFile,
+    bus: &Bus,
+) -> Result<edgebus_runtime::service::Service, edgebus_runtime::service::StartError> {
+    match name {
+        "discovery" => Ok(crate::discovery::start(&file.bus.prefix, &file.discovery, bus)
+            .await?
+            .service),
+        "health-monitor" => Ok(crate::health::start(&file.bus.prefix, &file.health, bus)
+            .await?
+            .service),
+        other => examples::start(other, file, bus).await,
+    }
 }
 
 /// The outcome of `edgebus call`: the reply body to print, and whether it succeeded.

@@ -1,0 +1,313 @@
+//! The discovery service: a registry of service instances built from their retained
+//! registrations alone, one `P/system/discovery/update` event per transition per incarnation,
+//! offline records deleted after `expire_after`, fast `NO_RESPONDERS`, and the
+//! `P/system/discovery/list` endpoint.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use edgebus_runtime::bus::{Bus, Message, PublishOptions};
+use edgebus_runtime::contract::{EndpointSpec, RESERVED_SERVICE_NAMES};
+use edgebus_runtime::service::{reply_error, Request, Service, ServiceBuilder, StartError};
+use edgebus_runtime::wire::{code, timestamp, ErrorBody, ServiceError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// `[discovery]` in topics.toml.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How long an offline record stays before discovery deletes it.
+    #[serde(with = "edgebus_runtime::config::duration")]
+    pub expire_after: Duration,
+    /// Answer a request to a service with no online instance with `NO_RESPONDERS` at once.
+    /// Only services that register (every edgebus service does) count as responders.
+    pub no_responders: bool,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            expire_after: Duration::from_secs(60),
+            no_responders: true,
+        }
+    }
+}
+
+/// One instance as the registry knows it.
+#[derive(Debug, Clone)]
+struct Entry {
+    service: String,
+    instance: String,
+    incarnation: u64,
+    online: bool,
+    record: Value,
+    offline_since: Option<Instant>,
+    topic: String,
+}
+
+/// The registry, shared by the message loop, the expiry tick and the list endpoint.
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: DashMap<String, Entry>,
+}
+
+impl Registry {
+    /// Whether any instance of `service` is online.
+    pub fn has_online(&self, service: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.service == service && e.online)
+    }
+
+    /// Records matching the filters (`service`, `capability`, `tag`, `status`), sorted.
+    pub fn list(&self, filter: &ListFilter) -> Vec<Value> {
+        let mut out: Vec<(String, Value)> = self
+            .entries
+            .iter()
+            .filter(|e| filter.service.as_ref().map_or(true, |s| *s == e.service))
+            .filter(|e| {
+                let status = if e.online { "online" } else { "offline" };
+                filter.status.as_ref().map_or(true, |s| s == status)
+            })
+            .filter(|e| {
+                filter.capability.as_ref().map_or(true, |c| {
+                    e.record["capabilities"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|v| v == c.as_str()))
+                })
+            })
+            .filter(|e| {
+                filter.tag.as_ref().map_or(true, |t| {
+                    e.record["tags"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|v| v == t.as_str()))
+                })
+            })
+            .map(|e| (e.key().clone(), e.record.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, v)| v).collect()
+    }
+}
+
+/// The filters of a list request.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListFilter {
+    /// Only this service.
+    pub service: Option<String>,
+    /// Only instances with this capability.
+    pub capability: Option<String>,
+    /// Only instances with this tag.
+    pub tag: Option<String>,
+    /// `online` or `offline`.
+    pub status: Option<String>,
+}
+
+/// A running discovery service.
+pub struct Discovery {
+    /// The service (its `list` endpoint and its own registration).
+    pub service: Service,
+    /// The registry.
+    pub registry: Arc<Registry>,
+}
+
+/// Starts discovery on `bus` (made with `BusOptions::for_service(…, "discovery", …)`).
+pub async fn start(
+    prefix: &str,
+    config: &DiscoveryConfig,
+    bus: &Bus,
+) -> Result<Discovery, StartError> {
+    let registry = Arc::new(Registry::default());
+    let mut list = EndpointSpec::new("list");
+    list.topic = Some(format!("{prefix}/system/discovery/list"));
+    list.description = "instances, filtered by service, capability, tag, status".into();
+    let reg = registry.clone();
+    let service = ServiceBuilder::new("discovery")
+        .description("the registry of service instances")
+        .capability("discovery")
+        .endpoint_with(list, move |req: Request<Value>| {
+            let reg = reg.clone();
+            async move {
+                let filter: ListFilter = if req.data.is_null() {
+                    ListFilter::default()
+                } else {
+                    serde_json::from_value(req.data)
+                        .map_err(|e| ServiceError::bad_request(format!("filter: {e}")))?
+                };
+                let instances = reg.list(&filter);
+                Ok::<_, ServiceError>(json!({"count": instances.len(), "instances": instances}))
+            }
+        })
+        .start(bus)
+        .await?;
+
+    let mut records = bus
+        .subscribe(&format!("{prefix}/system/discovery/+/+"), 1)
+        .await?;
+    let synced = Arc::new(AtomicBool::new(false));
+    let updates = format!("{prefix}/system/discovery/update");
+    let list_base = format!("{prefix}/system/discovery/list/");
+    let (b, r, up) = (bus.clone(), registry.clone(), updates.clone());
+    service.spawn(async move {
+        while let Some(msg) = records.recv().await {
+            if msg.topic.starts_with(&list_base) || msg.topic == up {
+                continue;
+            }
+            apply(&b, &r, &up, &msg).await;
+        }
+    });
+
+    // Expiry of offline records.
+    let (b, r, up) = (bus.clone(), registry.clone(), updates.clone());
+    let expire_after = config.expire_after;
+    service.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(expire_after.max(Duration::from_millis(100))));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let due: Vec<Entry> = r
+                .entries
+                .iter()
+                .filter(|e| e.offline_since.is_some_and(|t| t.elapsed() >= expire_after))
+                .map(|e| e.value().clone())
+                .collect();
+            for e in due {
+                r.entries.remove(&format!("{}/{}", e.service, e.instance));
+                let opts = PublishOptions {
+                    qos: 1,
+                    retain: true,
+                    properties: None,
+                };
+                let _ = b.publish(&e.topic, Vec::new(), opts).await;
+                emit(&b, &up, "expired", &e, "offline past expire_after").await;
+            }
+        }
+    });
+
+    if config.no_responders {
+        let mut requests = bus.subscribe(&format!("{prefix}/+/+/request"), 0).await?;
+        let (b, r, s) = (bus.clone(), registry.clone(), synced.clone());
+        let me = service.instance().to_owned();
+        let levels = prefix.split('/').count();
+        service.spawn(async move {
+            while let Some(msg) = requests.recv().await {
+                let Some(target) = msg.topic.split('/').nth(levels) else {
+                    continue;
+                };
+                if !s.load(Ordering::Relaxed)
+                    || RESERVED_SERVICE_NAMES.contains(&target)
+                    || r.has_online(target)
+                {
+                    continue;
+                }
+                let known = r.entries.iter().any(|e| e.service == target);
+                let message = if known {
+                    format!("no instance of `{target}` is online")
+                } else {
+                    format!("no service `{target}` is registered")
+                };
+                let _ = reply_error(&b, &msg, &me, ErrorBody::new(code::NO_RESPONDERS, message));
+            }
+        });
+    }
+    // Retained records arrive before our own round trip completes: from then on the
+    // registry is whole and absence means absence.
+    if bus.sync(Duration::from_secs(5)).await {
+        synced.store(true, Ordering::Relaxed);
+    } else {
+        let (b, s) = (bus.clone(), synced.clone());
+        service.spawn(async move {
+            while !b.sync(Duration::from_secs(5)).await {}
+            s.store(true, Ordering::Relaxed);
+        });
+    }
+    Ok(Discovery { service, registry })
+}
+
+async fn emit(bus: &Bus, topic: &str, event: &str, e: &Entry, reason: &str) {
+    tracing::info!(event, service = %e.service, instance = %e.instance, reason, "discovery");
+    let body = json!({
+        "event": event,
+        "service": e.service,
+        "instance": e.instance,
+        "incarnation": e.incarnation,
+        "reason": reason,
+        "at": timestamp(),
+    });
+    let _ = bus.publish_json(topic, &body, PublishOptions::qos(1)).await;
+}
+
+/// Applies one registration message; publishes the event its transition raises, if any.
+async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
+    let mut parts = msg.topic.rsplitn(3, '/');
+    let (Some(instance), Some(service)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    let key = format!("{service}/{instance}");
+    if msg.payload.is_empty() {
+        if let Some((_, e)) = registry.entries.remove(&key) {
+            emit(bus, updates, "expired", &e, "record deleted").await;
+        }
+        return;
+    }
+    let Ok(record) = serde_json::from_slice::<Value>(&msg.payload) else {
+        tracing::warn!(topic = %msg.topic, "registration record is not JSON; ignored");
+        return;
+    };
+    let online = match record["state"].as_str() {
+        Some("online") => true,
+        Some("offline") => false,
+        _ => {
+            tracing::warn!(topic = %msg.topic, "registration record without a valid state; ignored");
+            return;
+        }
+    };
+    let incarnation = record["incarnation"].as_u64().unwrap_or(0);
+    let reason = record["reason"]
+        .as_str()
+        .unwrap_or(if online { "registered" } else { "offline" })
+        .to_owned();
+    let new = Entry {
+        service: service.to_owned(),
+        instance: instance.to_owned(),
+        incarnation,
+        online,
+        record,
+        offline_since: (!online).then(Instant::now),
+        topic: msg.topic.clone(),
+    };
+    let previous = registry.entries.get(&key).map(|e| e.value().clone());
+    let event = match &previous {
+        // A retained record we had not seen: the state as it was before we started.
+        None if msg.retain => None,
+        None if online => Some("registered"),
+        None => Some(if reason == "stopped" { "deregistered" } else { "offline" }),
+        // Older than what we know: a late will of a previous incarnation. Ignored.
+        Some(p) if incarnation < p.incarnation => {
+            tracing::debug!(%key, incarnation, known = p.incarnation, "stale registration ignored");
+            return;
+        }
+        Some(p) if p.online == online && incarnation == p.incarnation => {
+            // Nothing changed (a second will, a will after a clean stop, a repeated birth).
+            return;
+        }
+        Some(p) if online && !p.online => Some("recovered"),
+        Some(p) if online && p.online => Some("registered"),
+        Some(_) => Some(if reason == "stopped" { "deregistered" } else { "offline" }),
+    };
+    let keep_since = previous
+        .as_ref()
+        .filter(|p| !p.online && !online)
+        .and_then(|p| p.offline_since);
+    let mut new = new;
+    if keep_since.is_some() {
+        new.offline_since = keep_since;
+    }
+    if let Some(event) = event {
+        emit(bus, updates, event, &new, &reason).await;
+    }
+    registry.entries.insert(key, new);
+}

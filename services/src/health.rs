@@ -1,0 +1,481 @@
+//! The health monitor: per-instance status from heartbeats and registrations, the retained
+//! `P/health/status/{service}` and `P/health/summary`, and one `P/health/alert` per transition.
+//!
+//! - A heartbeat carries the instance's own status (`healthy`, `degraded`, `unhealthy`). A
+//!   change is taken after `confirm_beats` heartbeats in a row say so (flap damping), except
+//!   the first heartbeat of an incarnation, which is taken at once.
+//! - `heartbeat_misses` intervals without a heartbeat: `unhealthy` (a hung process: SIGSTOP,
+//!   a wedged event loop), checked every 100 ms.
+//! - The Last Will or a clean stop's record: `offline` at once. A deleted registration (expiry):
+//!   the instance is forgotten, and a service with no instance left loses its status record.
+//! - A service is as healthy as its best instance; the summary is as healthy as the worst service.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgebus_runtime::bus::{Bus, Message, PublishOptions};
+use edgebus_runtime::presence::Status;
+use edgebus_runtime::service::{Service, ServiceBuilder, StartError};
+use edgebus_runtime::wire::timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// `[health]` in topics.toml.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Heartbeat intervals without a heartbeat before an instance is `unhealthy`.
+    pub heartbeat_misses: u32,
+    /// Heartbeats in a row that must report a new status before it is taken.
+    pub confirm_beats: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            heartbeat_misses: 3,
+            confirm_beats: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Inst {
+    incarnation: u64,
+    status: Status,
+    last_seen: Instant,
+    last_seen_at: String,
+    interval: Duration,
+    beats: u64,
+    candidate: Option<(Status, u32)>,
+    missed: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    services: BTreeMap<String, BTreeMap<String, Inst>>,
+    service_status: BTreeMap<String, (Status, String)>,
+}
+
+/// A running health monitor.
+pub struct Monitor {
+    /// The monitor's own service (registration and heartbeat).
+    pub service: Service,
+}
+
+struct Ctx {
+    bus: Bus,
+    prefix: String,
+    config: HealthConfig,
+    state: Mutex<State>,
+}
+
+/// Starts the monitor on `bus` (made with `BusOptions::for_service(…, "health-monitor", …)`).
+pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Monitor, StartError> {
+    let service = ServiceBuilder::new("health-monitor")
+        .description("status of every service from heartbeats and registrations")
+        .capability("health")
+        .start(bus)
+        .await?;
+    let ctx = Arc::new(Ctx {
+        bus: bus.clone(),
+        prefix: prefix.to_owned(),
+        config: config.clone(),
+        state: Mutex::new(State::default()),
+    });
+    // Our own retained records first: the state already alerted before a restart.
+    let mut statuses = bus.subscribe(&format!("{prefix}/health/status/+"), 1).await?;
+    let mut beats = bus
+        .subscribe(&format!("{prefix}/health/heartbeat/+/+"), 0)
+        .await?;
+    let mut records = bus
+        .subscribe(&format!("{prefix}/system/discovery/+/+"), 1)
+        .await?;
+    let c = ctx.clone();
+    service.spawn(async move {
+        while let Some(m) = statuses.recv().await {
+            if m.retain {
+                c.load_status(&m);
+            }
+        }
+    });
+    let c = ctx.clone();
+    service.spawn(async move {
+        while let Some(m) = beats.recv().await {
+            c.heartbeat(&m).await;
+        }
+    });
+    let c = ctx.clone();
+    service.spawn(async move {
+        while let Some(m) = records.recv().await {
+            c.registration(&m).await;
+        }
+    });
+    let c = ctx.clone();
+    service.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            c.check_misses().await;
+        }
+    });
+    Ok(Monitor { service })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_status(s: &str) -> Option<Status> {
+    Some(match s {
+        "healthy" => Status::Healthy,
+        "degraded" => Status::Degraded,
+        "unhealthy" => Status::Unhealthy,
+        "offline" => Status::Offline,
+        _ => return None,
+    })
+}
+
+/// A transition to announce: (service, instance, from, to, reason).
+type Transition = (String, String, Status, Status, String);
+
+impl Ctx {
+    /// Loads a retained status record (ours, from before a restart) without alerting.
+    fn load_status(&self, m: &Message) {
+        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+            return;
+        };
+        let Some(service) = v["service"].as_str() else {
+            return;
+        };
+        let mut st = lock(&self.state);
+        if let Some(s) = v["status"].as_str().and_then(parse_status) {
+            st.service_status
+                .entry(service.to_owned())
+                .or_insert((s, v["since"].as_str().unwrap_or_default().to_owned()));
+        }
+        for i in v["instances"].as_array().into_iter().flatten() {
+            let (Some(name), Some(s)) = (
+                i["instance"].as_str(),
+                i["status"].as_str().and_then(parse_status),
+            ) else {
+                continue;
+            };
+            st.services
+                .entry(service.to_owned())
+                .or_default()
+                .entry(name.to_owned())
+                .or_insert(Inst {
+                    incarnation: i["incarnation"].as_u64().unwrap_or(0),
+                    status: s,
+                    last_seen: Instant::now(),
+                    last_seen_at: i["last_seen"].as_str().unwrap_or_default().to_owned(),
+                    interval: Duration::from_secs(1),
+                    beats: 1,
+                    candidate: None,
+                    missed: false,
+                });
+        }
+    }
+
+    async fn heartbeat(&self, m: &Message) {
+        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+            tracing::debug!(topic = %m.topic, "heartbeat is not JSON; ignored");
+            return;
+        };
+        let (Some(service), Some(instance)) = (v["service"].as_str(), v["instance"].as_str())
+        else {
+            return;
+        };
+        let reported = v["status"]
+            .as_str()
+            .and_then(parse_status)
+            .unwrap_or(Status::Unhealthy);
+        let incarnation = v["incarnation"].as_u64().unwrap_or(0);
+        let interval = Duration::from_millis(v["interval_ms"].as_u64().unwrap_or(1000).max(10));
+        let confirm = self.config.confirm_beats.max(1);
+        let mut transitions = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let insts = st.services.entry(service.to_owned()).or_default();
+            let inst = insts.entry(instance.to_owned()).or_insert(Inst {
+                incarnation,
+                status: Status::Offline,
+                last_seen: Instant::now(),
+                last_seen_at: timestamp(),
+                interval,
+                beats: 0,
+                candidate: None,
+                missed: false,
+            });
+            if incarnation < inst.incarnation {
+                return;
+            }
+            if incarnation > inst.incarnation {
+                inst.incarnation = incarnation;
+                inst.beats = 0;
+                inst.candidate = None;
+            }
+            inst.last_seen = Instant::now();
+            inst.last_seen_at = timestamp();
+            inst.interval = interval;
+            inst.beats += 1;
+            inst.missed = false;
+            if reported == inst.status {
+                inst.candidate = None;
+            } else if inst.beats == 1 || inst.status == Status::Offline {
+                let from = inst.status;
+                inst.status = reported;
+                inst.candidate = None;
+                transitions.push((service.into(), instance.into(), from, reported, "heartbeat".into()));
+            } else {
+                let n = match inst.candidate {
+                    Some((s, n)) if s == reported => n + 1,
+                    _ => 1,
+                };
+                if n >= confirm {
+                    let from = inst.status;
+                    inst.status = reported;
+                    inst.candidate = None;
+                    let why = v["checks"]
+                        .as_object()
+                        .and_then(|c| {
+                            c.iter()
+                                .find(|(_, r)| r.as_str() != Some("ok"))
+                                .map(|(k, r)| format!("{k}: {}", r.as_str().unwrap_or("")))
+                        })
+                        .unwrap_or_else(|| "heartbeat".into());
+                    transitions.push((service.into(), instance.into(), from, reported, why));
+                } else {
+                    inst.candidate = Some((reported, n));
+                }
+            }
+        }
+        self.announce(transitions).await;
+    }
+
+    async fn registration(&self, m: &Message) {
+        let mut parts = m.topic.rsplitn(3, '/');
+        let (Some(instance), Some(service)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        if service == "list" || instance == "update" {
+            return;
+        }
+        let mut transitions = Vec::new();
+        let mut forget_service = false;
+        let mut quiet = false;
+        {
+            let mut st = lock(&self.state);
+            if m.payload.is_empty() {
+                if let Some(insts) = st.services.get_mut(service) {
+                    if let Some(i) = insts.remove(instance) {
+                        if i.status != Status::Offline {
+                            transitions.push((service.into(), instance.into(), i.status, Status::Offline, "expired".into()));
+                        }
+                    }
+                    forget_service = insts.is_empty();
+                }
+                if forget_service {
+                    st.services.remove(service);
+                }
+            } else {
+                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+                    return;
+                };
+                let incarnation = v["incarnation"].as_u64().unwrap_or(0);
+                let online = v["state"] == "online";
+                let interval =
+                    Duration::from_millis(v["heartbeat_interval_ms"].as_u64().unwrap_or(1000).max(10));
+                let insts = st.services.entry(service.to_owned()).or_default();
+                match insts.get_mut(instance) {
+                    Some(i) if incarnation < i.incarnation => {}
+                    Some(i) if !online => {
+                        if i.status != Status::Offline && incarnation >= i.incarnation {
+                            let reason = v["reason"].as_str().unwrap_or("offline").to_owned();
+                            transitions.push((service.into(), instance.into(), i.status, Status::Offline, reason));
+                            i.status = Status::Offline;
+                            i.incarnation = incarnation;
+                            i.candidate = None;
+                        }
+                    }
+                    Some(i) => {
+                        if incarnation > i.incarnation {
+                            i.incarnation = incarnation;
+                            i.beats = 0;
+                            i.last_seen = Instant::now();
+                            i.missed = false;
+                        }
+                        i.interval = interval;
+                    }
+                    None => {
+                        insts.insert(
+                            instance.to_owned(),
+                            Inst {
+                                incarnation,
+                                status: if online { Status::Healthy } else { Status::Offline },
+                                last_seen: Instant::now(),
+                                last_seen_at: timestamp(),
+                                interval,
+                                beats: 0,
+                                candidate: None,
+                                missed: false,
+                            },
+                        );
+                        if online && !m.retain {
+                            transitions.push((service.into(), instance.into(), Status::Offline, Status::Healthy, "registered".into()));
+                        } else {
+                            // A retained record: state from before we started; publish it quietly.
+                            quiet = true;
+                        }
+                    }
+                }
+            }
+        }
+        if quiet {
+            self.publish_status(service).await;
+            return;
+        }
+        if forget_service {
+            self.announce(transitions).await;
+            let opts = PublishOptions {
+                qos: 1,
+                retain: true,
+                properties: None,
+            };
+            let topic = format!("{}/health/status/{service}", self.prefix);
+            let _ = self.bus.publish(&topic, Vec::new(), opts).await;
+            lock(&self.state).service_status.remove(service);
+            self.publish_summary().await;
+        } else {
+            self.announce(transitions).await;
+        }
+    }
+
+    async fn check_misses(&self) {
+        let misses = self.config.heartbeat_misses.max(1);
+        let mut transitions = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            for (service, insts) in st.services.iter_mut() {
+                for (name, i) in insts.iter_mut() {
+                    if i.status == Status::Offline || i.missed {
+                        continue;
+                    }
+                    if i.last_seen.elapsed() > i.interval * misses {
+                        i.missed = true;
+                        i.candidate = None;
+                        if i.status != Status::Unhealthy {
+                            transitions.push((
+                                service.clone(),
+                                name.clone(),
+                                i.status,
+                                Status::Unhealthy,
+                                format!("missed {misses} heartbeats"),
+                            ));
+                            i.status = Status::Unhealthy;
+                        }
+                    }
+                }
+            }
+        }
+        self.announce(transitions).await;
+    }
+
+    /// Publishes an alert per transition, then the status of each service touched.
+    async fn announce(&self, transitions: Vec<Transition>) {
+        let mut touched = Vec::new();
+        for (service, instance, from, to, reason) in transitions {
+            tracing::info!(%service, %instance, from = from.as_str(), to = to.as_str(), %reason, "health");
+            let alert = json!({
+                "service": service,
+                "instance": instance,
+                "from": from.as_str(),
+                "to": to.as_str(),
+                "reason": reason,
+                "at": timestamp(),
+            });
+            let topic = format!("{}/health/alert", self.prefix);
+            let _ = self
+                .bus
+                .publish_json(&topic, &alert, PublishOptions::qos(1))
+                .await;
+            if !touched.contains(&service) {
+                touched.push(service);
+            }
+        }
+        for s in touched {
+            self.publish_status(&s).await;
+        }
+    }
+
+    async fn publish_status(&self, service: &str) {
+        let mut summary_changed = false;
+        let record = {
+            let mut st = lock(&self.state);
+            let Some(insts) = st.services.get(service) else {
+                return;
+            };
+            let best = insts
+                .values()
+                .map(|i| i.status)
+                .max()
+                .unwrap_or(Status::Offline);
+            let instances: Vec<Value> = insts
+                .iter()
+                .map(|(n, i)| {
+                    json!({"instance": n, "status": i.status.as_str(), "last_seen": i.last_seen_at, "incarnation": i.incarnation})
+                })
+                .collect();
+            let (since, changed) = match st.service_status.get(service) {
+                Some((s, since)) if *s == best => (since.clone(), false),
+                _ => (timestamp(), true),
+            };
+            summary_changed = changed;
+            st.service_status
+                .insert(service.to_owned(), (best, since.clone()));
+            json!({"service": service, "status": best.as_str(), "since": since, "instances": instances})
+        };
+        let topic = format!("{}/health/status/{service}", self.prefix);
+        let opts = PublishOptions {
+            qos: 1,
+            retain: true,
+            properties: None,
+        };
+        let _ = self.bus.publish_json(&topic, &record, opts).await;
+        if summary_changed {
+            self.publish_summary().await;
+        }
+    }
+
+    async fn publish_summary(&self) {
+        let summary = {
+            let st = lock(&self.state);
+            let worst = st
+                .service_status
+                .values()
+                .map(|(s, _)| *s)
+                .min()
+                .unwrap_or(Status::Healthy);
+            let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+            let services: BTreeMap<&str, &str> = st
+                .service_status
+                .iter()
+                .map(|(k, (s, _))| {
+                    *counts.entry(s.as_str()).or_default() += 1;
+                    (k.as_str(), s.as_str())
+                })
+                .collect();
+            json!({"status": worst.as_str(), "services": services, "counts": counts, "at": timestamp()})
+        };
+        let topic = format!("{}/health/summary", self.prefix);
+        let opts = PublishOptions {
+            qos: 1,
+            retain: true,
+            properties: None,
+        };
+        let _ = self.bus.publish_json(&topic, &summary, opts).await;
+    }
+}

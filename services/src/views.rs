@@ -1,0 +1,179 @@
+//! `edgebus services` and `edgebus health`: the registry and the health view, as tables
+//! (coloured on a terminal) or JSON.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
+use serde_json::Value;
+
+use crate::config::TopicsFile;
+
+fn cli_bus(file: &TopicsFile, broker: Option<&str>) -> anyhow::Result<Bus> {
+    let broker = broker.unwrap_or(&file.bus.broker).to_owned();
+    let mut o = BusOptions::new(broker, format!("edgebus-view-{:08x}", random_u64() as u32))
+        .prefix(file.bus.prefix.clone());
+    o.reply_topic = Some(format!("{}/system/reply/cli", file.bus.prefix));
+    Ok(Bus::connect(o)?)
+}
+
+fn paint(status: &str, colour: bool) -> String {
+    if !colour {
+        return status.to_owned();
+    }
+    let code = match status {
+        "healthy" | "online" => "32",
+        "degraded" => "33",
+        "unhealthy" => "31",
+        _ => "90",
+    };
+    format!("\x1b[{code}m{status}\x1b[0m")
+}
+
+fn table(rows: &[Vec<String>], colour_col: Option<usize>) {
+    let colour = std::io::stdout().is_terminal();
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                let pad = " ".repeat(widths[c] - v.chars().count());
+                if n > 0 && Some(c) == colour_col {
+                    format!("{}{pad}", paint(v, colour))
+                } else {
+                    format!("{v}{pad}")
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// `edgebus services`: the registry, from discovery's list endpoint.
+pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let bus = cli_bus(file, broker)?;
+    if !bus.sync(Duration::from_secs(5)).await {
+        bail!("cannot reach the broker");
+    }
+    let topic = format!("{}/system/discovery/list/request", file.bus.prefix);
+    let r = bus
+        .request_raw(
+            &topic,
+            bytes::Bytes::from_static(b"{}"),
+            &edgebus_runtime::request::RequestOptions::timeout(Duration::from_secs(3)),
+        )
+        .await;
+    bus.close(Duration::from_millis(200)).await;
+    let data = r
+        .map_err(|e| anyhow!("discovery did not answer ({e}); is `edgebus discovery` running?"))?
+        .data
+        .unwrap_or(Value::Null);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let mut rows = vec![["SERVICE", "INSTANCE", "STATE", "VERSION", "HOST", "PID", "ENDPOINTS"]
+        .map(String::from)
+        .to_vec()];
+    for i in data["instances"].as_array().into_iter().flatten() {
+        let s = |k: &str| i[k].as_str().unwrap_or("").to_owned();
+        let endpoints: Vec<&str> = i["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        rows.push(vec![
+            s("service"),
+            s("instance"),
+            s("state"),
+            s("version"),
+            s("host"),
+            i["pid"].as_u64().map(|p| p.to_string()).unwrap_or_default(),
+            endpoints.join(","),
+        ]);
+    }
+    table(&rows, Some(2));
+    Ok(())
+}
+
+/// `edgebus health`: the retained status records; `--watch` then prints alerts as they come.
+pub async fn health(
+    file: &TopicsFile,
+    broker: Option<&str>,
+    json: bool,
+    watch: bool,
+) -> anyhow::Result<()> {
+    let p = &file.bus.prefix;
+    let bus = cli_bus(file, broker)?;
+    let mut statuses = bus.subscribe(&format!("{p}/health/status/+"), 1).await?;
+    let mut alerts = bus.subscribe(&format!("{p}/health/alert"), 1).await?;
+    if !bus.sync(Duration::from_secs(5)).await {
+        bail!("cannot reach the broker");
+    }
+    let mut records: BTreeMap<String, Value> = BTreeMap::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), statuses.recv()).await {
+        if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+            records.insert(m.topic.clone(), v);
+        }
+    }
+    if json {
+        let all: Vec<&Value> = records.values().collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if records.is_empty() {
+        println!("no status records (is the health monitor running?)");
+    } else {
+        let mut rows = vec![["SERVICE", "STATUS", "SINCE", "INSTANCES"].map(String::from).to_vec()];
+        for v in records.values() {
+            let insts: Vec<String> = v["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| {
+                    format!(
+                        "{}:{}",
+                        i["instance"].as_str().unwrap_or(""),
+                        i["status"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            rows.push(vec![
+                v["service"].as_str().unwrap_or("").to_owned(),
+                v["status"].as_str().unwrap_or("").to_owned(),
+                v["since"].as_str().unwrap_or("").to_owned(),
+                insts.join(" "),
+            ]);
+        }
+        table(&rows, Some(1));
+    }
+    if watch {
+        let colour = std::io::stdout().is_terminal();
+        while let Some(m) = alerts.recv().await {
+            let Ok(a) = serde_json::from_slice::<Value>(&m.payload) else {
+                continue;
+            };
+            if json {
+                println!("{a}");
+            } else {
+                let s = |k: &str| a[k].as_str().unwrap_or("").to_owned();
+                println!(
+                    "{}  {}/{}  {} → {}  ({})",
+                    s("at"),
+                    s("service"),
+                    s("instance"),
+                    paint(&s("from"), colour),
+                    paint(&s("to"), colour),
+                    s("reason")
+                );
+            }
+        }
+    }
+    bus.close(Duration::from_millis(200)).await;
+    Ok(())
+}
