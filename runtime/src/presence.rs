@@ -52,12 +52,18 @@ impl Identity {
 
     /// `P/system/discovery/{service}/{instance}`.
     pub fn registration_topic(&self, prefix: &str) -> String {
-        format!("{prefix}/system/discovery/{}/{}", self.service, self.instance)
+        format!(
+            "{prefix}/system/discovery/{}/{}",
+            self.service, self.instance
+        )
     }
 
     /// `P/health/heartbeat/{service}/{instance}`.
     pub fn heartbeat_topic(&self, prefix: &str) -> String {
-        format!("{prefix}/health/heartbeat/{}/{}", self.service, self.instance)
+        format!(
+            "{prefix}/health/heartbeat/{}/{}",
+            self.service, self.instance
+        )
     }
 
     /// The offline record with `reason`.

@@ -340,7 +340,13 @@ impl ServiceBuilder {
                 );
                 return None;
             }
-            let birth = birth_record(&identity, &self.version, &spec, bus.prefix(), self.heartbeat);
+            let birth = birth_record(
+                &identity,
+                &self.version,
+                &spec,
+                bus.prefix(),
+                self.heartbeat,
+            );
             Some(Arc::new(Presence::new(identity, bus.prefix(), birth)))
         });
         let inner = Arc::new(ServiceInner {
@@ -556,7 +562,9 @@ async fn start_presence(
                 v["state"] == "online" && v["incarnation"].as_u64() == Some(incarnation);
             if !ours_online
                 && watch_bus.is_connected()
-                && !watch_presence.stopping.load(std::sync::atomic::Ordering::Relaxed)
+                && !watch_presence
+                    .stopping
+                    .load(std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::info!(record = %v, "registration overwritten while running; re-registering");
                 watch_presence.publish_birth(&watch_bus);

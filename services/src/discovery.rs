@@ -164,7 +164,9 @@ pub async fn start(
     let (b, r, up) = (bus.clone(), registry.clone(), updates.clone());
     let expire_after = config.expire_after;
     service.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1).min(expire_after.max(Duration::from_millis(100))));
+        let mut tick = tokio::time::interval(
+            Duration::from_secs(1).min(expire_after.max(Duration::from_millis(100))),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -284,7 +286,11 @@ async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
         // A retained record we had not seen: the state as it was before we started.
         None if msg.retain => None,
         None if online => Some("registered"),
-        None => Some(if reason == "stopped" { "deregistered" } else { "offline" }),
+        None => Some(if reason == "stopped" {
+            "deregistered"
+        } else {
+            "offline"
+        }),
         // Older than what we know: a late will of a previous incarnation. Ignored.
         Some(p) if incarnation < p.incarnation => {
             tracing::debug!(%key, incarnation, known = p.incarnation, "stale registration ignored");
@@ -296,7 +302,11 @@ async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
         }
         Some(p) if online && !p.online => Some("recovered"),
         Some(p) if online && p.online => Some("registered"),
-        Some(_) => Some(if reason == "stopped" { "deregistered" } else { "offline" }),
+        Some(_) => Some(if reason == "stopped" {
+            "deregistered"
+        } else {
+            "offline"
+        }),
     };
     let keep_since = previous
         .as_ref()

@@ -85,7 +85,9 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
         state: Mutex::new(State::default()),
     });
     // Our own retained records first: the state already alerted before a restart.
-    let mut statuses = bus.subscribe(&format!("{prefix}/health/status/+"), 1).await?;
+    let mut statuses = bus
+        .subscribe(&format!("{prefix}/health/status/+"), 1)
+        .await?;
     let mut beats = bus
         .subscribe(&format!("{prefix}/health/heartbeat/+/+"), 0)
         .await?;
@@ -229,7 +231,13 @@ impl Ctx {
                 let from = inst.status;
                 inst.status = reported;
                 inst.candidate = None;
-                transitions.push((service.into(), instance.into(), from, reported, "heartbeat".into()));
+                transitions.push((
+                    service.into(),
+                    instance.into(),
+                    from,
+                    reported,
+                    "heartbeat".into(),
+                ));
             } else {
                 let n = match inst.candidate {
                     Some((s, n)) if s == reported => n + 1,
@@ -273,7 +281,13 @@ impl Ctx {
                 if let Some(insts) = st.services.get_mut(service) {
                     if let Some(i) = insts.remove(instance) {
                         if i.status != Status::Offline {
-                            transitions.push((service.into(), instance.into(), i.status, Status::Offline, "expired".into()));
+                            transitions.push((
+                                service.into(),
+                                instance.into(),
+                                i.status,
+                                Status::Offline,
+                                "expired".into(),
+                            ));
                         }
                     }
                     forget_service = insts.is_empty();
@@ -287,15 +301,22 @@ impl Ctx {
                 };
                 let incarnation = v["incarnation"].as_u64().unwrap_or(0);
                 let online = v["state"] == "online";
-                let interval =
-                    Duration::from_millis(v["heartbeat_interval_ms"].as_u64().unwrap_or(1000).max(10));
+                let interval = Duration::from_millis(
+                    v["heartbeat_interval_ms"].as_u64().unwrap_or(1000).max(10),
+                );
                 let insts = st.services.entry(service.to_owned()).or_default();
                 match insts.get_mut(instance) {
                     Some(i) if incarnation < i.incarnation => {}
                     Some(i) if !online => {
                         if i.status != Status::Offline && incarnation >= i.incarnation {
                             let reason = v["reason"].as_str().unwrap_or("offline").to_owned();
-                            transitions.push((service.into(), instance.into(), i.status, Status::Offline, reason));
+                            transitions.push((
+                                service.into(),
+                                instance.into(),
+                                i.status,
+                                Status::Offline,
+                                reason,
+                            ));
                             i.status = Status::Offline;
                             i.incarnation = incarnation;
                             i.candidate = None;
@@ -315,7 +336,11 @@ impl Ctx {
                             instance.to_owned(),
                             Inst {
                                 incarnation,
-                                status: if online { Status::Healthy } else { Status::Offline },
+                                status: if online {
+                                    Status::Healthy
+                                } else {
+                                    Status::Offline
+                                },
                                 last_seen: Instant::now(),
                                 last_seen_at: timestamp(),
                                 interval,
@@ -325,7 +350,13 @@ impl Ctx {
                             },
                         );
                         if online && !m.retain {
-                            transitions.push((service.into(), instance.into(), Status::Offline, Status::Healthy, "registered".into()));
+                            transitions.push((
+                                service.into(),
+                                instance.into(),
+                                Status::Offline,
+                                Status::Healthy,
+                                "registered".into(),
+                            ));
                         } else {
                             // A retained record: state from before we started; publish it quietly.
                             quiet = true;
@@ -412,7 +443,7 @@ impl Ctx {
     }
 
     async fn publish_status(&self, service: &str) {
-        let mut summary_changed = false;
+        let summary_changed;
         let record = {
             let mut st = lock(&self.state);
             let Some(insts) = st.services.get(service) else {

@@ -14,6 +14,6 @@ pub mod config;
 pub mod discovery;
 pub mod examples;
 pub mod health;
-pub mod views;
 pub mod passwd;
 pub mod run;
+pub mod views;

@@ -69,9 +69,11 @@ pub async fn start_part(
     bus: &Bus,
 ) -> Result<edgebus_runtime::service::Service, edgebus_runtime::service::StartError> {
     match name {
-        "discovery" => Ok(crate::discovery::start(&file.bus.prefix, &file.discovery, bus)
-            .await?
-            .service),
+        "discovery" => Ok(
+            crate::discovery::start(&file.bus.prefix, &file.discovery, bus)
+                .await?
+                .service,
+        ),
         "health-monitor" => Ok(crate::health::start(&file.bus.prefix, &file.health, bus)
             .await?
             .service),

@@ -78,9 +78,17 @@ pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> an
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
-    let mut rows = vec![["SERVICE", "INSTANCE", "STATE", "VERSION", "HOST", "PID", "ENDPOINTS"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = vec![[
+        "SERVICE",
+        "INSTANCE",
+        "STATE",
+        "VERSION",
+        "HOST",
+        "PID",
+        "ENDPOINTS",
+    ]
+    .map(String::from)
+    .to_vec()];
     for i in data["instances"].as_array().into_iter().flatten() {
         let s = |k: &str| i[k].as_str().unwrap_or("").to_owned();
         let endpoints: Vec<&str> = i["endpoints"]
@@ -118,7 +126,8 @@ pub async fn health(
         bail!("cannot reach the broker");
     }
     let mut records: BTreeMap<String, Value> = BTreeMap::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), statuses.recv()).await {
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), statuses.recv()).await
+    {
         if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
             records.insert(m.topic.clone(), v);
         }
@@ -129,7 +138,9 @@ pub async fn health(
     } else if records.is_empty() {
         println!("no status records (is the health monitor running?)");
     } else {
-        let mut rows = vec![["SERVICE", "STATUS", "SINCE", "INSTANCES"].map(String::from).to_vec()];
+        let mut rows = vec![["SERVICE", "STATUS", "SINCE", "INSTANCES"]
+            .map(String::from)
+            .to_vec()];
         for v in records.values() {
             let insts: Vec<String> = v["instances"]
                 .as_array()

@@ -3,4 +3,5 @@
 
 mod broker;
 mod harness;
+mod presence;
 mod runtime;
