@@ -298,6 +298,11 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
     h_r.abort();
     h_q.abort();
     let _ = requester.disconnect().await;
+    percentiles(&hist, lost, "lost")
+}
+
+/// `p50 / p99 / p999 µs`, with the count of misses when there were any.
+fn percentiles(hist: &Histogram<u64>, missed: usize, what: &str) -> anyhow::Result<String> {
     if hist.is_empty() {
         bail!("no round trip completed");
     }
@@ -307,8 +312,8 @@ async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::
         hist.value_at_quantile(0.99),
         hist.value_at_quantile(0.999)
     );
-    if lost > 0 {
-        s.push_str(&format!(" ({lost} lost)"));
+    if missed > 0 {
+        s.push_str(&format!(" ({missed} {what})"));
     }
     Ok(s)
 }
@@ -361,19 +366,7 @@ async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Re
     service.stop(Duration::ZERO).await;
     client.close(Duration::from_millis(200)).await;
     server.close(Duration::from_millis(200)).await;
-    if hist.is_empty() {
-        bail!("no request completed");
-    }
-    let mut s = format!(
-        "{} / {} / {} µs",
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.99),
-        hist.value_at_quantile(0.999)
-    );
-    if failed > 0 {
-        s.push_str(&format!(" ({failed} failed)"));
-    }
-    Ok(s)
+    percentiles(&hist, failed, "failed")
 }
 
 async fn runtime_throughput(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<String> {
