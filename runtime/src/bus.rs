@@ -334,6 +334,9 @@ fn qos_num(q: QoS) -> u8 {
     }
 }
 
+/// Room kept in every packet for the fixed header, properties and correlation data.
+pub const PACKET_OVERHEAD: usize = 1024;
+
 /// A fresh random `u64` (for ids and jitter).
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
@@ -473,9 +476,18 @@ impl Bus {
         if let Err(reason) = check_topic(topic) {
             return Err(BusError::InvalidTopic(topic.into(), reason));
         }
+        if topic.len() > usize::from(u16::MAX) {
+            return Err(BusError::InvalidTopic(
+                topic.chars().take(64).collect(),
+                "longer than 65535 bytes",
+            ));
+        }
+        // The broker's limit covers the whole packet: topic and properties count too, and a
+        // packet it refuses would be re-sent after every reconnect.
         let limit = self.inner.options.max_payload;
-        if len > limit {
-            return Err(BusError::TooLarge { size: len, limit });
+        let size = len + topic.len() + PACKET_OVERHEAD;
+        if size > limit {
+            return Err(BusError::TooLarge { size, limit });
         }
         Ok(())
     }

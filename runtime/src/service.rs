@@ -839,7 +839,7 @@ impl EndpointCtx {
         };
         let mut payload = serde_json::to_vec(&body).unwrap_or_default();
         let limit = self.service.bus.options().max_payload;
-        if payload.len() > limit {
+        if payload.len() + topic.len() + crate::bus::PACKET_OVERHEAD > limit {
             let body = ReplyBody {
                 success: false,
                 data: None,
