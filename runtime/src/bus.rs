@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{
     Filter, LastWill, LastWillProperties, Packet, Publish, PublishProperties, Subscribe,
-    SubscribeReasonCode,
+    SubscribeProperties, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request};
@@ -139,6 +139,9 @@ pub enum BusError {
     /// A topic or filter is not valid.
     #[error("invalid topic `{0}`: {1}")]
     InvalidTopic(String, &'static str),
+    /// A value could not be encoded as JSON.
+    #[error("cannot encode the message: {0}")]
+    Encode(String),
 }
 
 /// A message received from the broker.
@@ -241,6 +244,10 @@ pub type OverflowFn = Box<dyn Fn(Message) + Send + Sync>;
 
 struct Subscription {
     id: u64,
+    /// The MQTT 5 subscription identifier sent with `filter` (shared by every local
+    /// subscription to the same wire filter), so that a message that matches several
+    /// overlapping filters reaches each subscription once.
+    sid: usize,
     /// What is sent to the broker (may be `$share/{group}/…`).
     filter: String,
     /// What incoming topics are matched against.
@@ -251,13 +258,15 @@ struct Subscription {
     overflow: Option<OverflowFn>,
 }
 
-type ConnectHook = Box<dyn Fn(&Bus) + Send + Sync>;
+type ConnectHook = Arc<dyn Fn(&Bus) + Send + Sync>;
 
 struct Inner {
     client: AsyncClient,
     options: BusOptions,
     subs: RwLock<Vec<Arc<Subscription>>>,
     next_sub: AtomicU64,
+    /// Whether the broker takes subscription identifiers (CONNACK says).
+    sub_ids: AtomicBool,
     counters: Counters,
     connected: watch::Sender<bool>,
     hooks: Mutex<Vec<ConnectHook>>,
@@ -291,9 +300,29 @@ pub struct Subscriber {
     rx: mpsc::Receiver<Message>,
     dropped: Arc<AtomicU64>,
     filter: String,
+    id: u64,
+    bus: std::sync::Weak<Inner>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            forget(&inner, &[self.id]);
+        }
+    }
 }
 
 impl Subscriber {
+    /// Stops the subscription: the broker sends no more (once no other subscriber on this
+    /// bus uses the same filter), and [`Subscriber::recv`] returns what is already buffered,
+    /// then `None`.
+    pub fn unsubscribe(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            forget(&inner, &[self.id]);
+        }
+        self.rx.close();
+    }
+
     /// The next message; `None` once the bus is closed.
     pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
@@ -333,6 +362,12 @@ fn qos_num(q: QoS) -> u8 {
         QoS::ExactlyOnce => 2,
     }
 }
+
+/// How long a connection must hold before the reconnect backoff starts over.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// The largest MQTT 5 subscription identifier.
+const MAX_SUBSCRIPTION_ID: usize = 268_435_455;
 
 /// Room kept in every packet for the fixed header, properties and correlation data.
 pub const PACKET_OVERHEAD: usize = 1024;
@@ -390,6 +425,7 @@ impl Bus {
             options,
             subs: RwLock::new(Vec::new()),
             next_sub: AtomicU64::new(1),
+            sub_ids: AtomicBool::new(true),
             counters: Counters::default(),
             connected,
             hooks: Mutex::new(Vec::new()),
@@ -445,10 +481,17 @@ impl Bus {
 
     /// Runs `hook` after every CONNACK (and now, if connected): births, state to restore.
     pub fn on_connect(&self, hook: impl Fn(&Bus) + Send + Sync + 'static) {
-        if self.is_connected() {
+        let hook: ConnectHook = Arc::new(hook);
+        // The connection task sets the flag and copies the hooks under this lock, so a hook
+        // added during a CONNACK runs exactly once for it.
+        let now = {
+            let mut hooks = lock(&self.inner.hooks);
+            hooks.push(hook.clone());
+            self.is_connected()
+        };
+        if now {
             hook(self);
         }
-        lock(&self.inner.hooks).push(Box::new(hook));
     }
 
     /// The bus's counters.
@@ -566,8 +609,8 @@ impl Bus {
         value: &T,
         options: PublishOptions,
     ) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(value).unwrap_or_default();
-        self.publish(topic, payload, options).await
+        let payload = serde_json::to_vec(value).map_err(|e| BusError::Encode(e.to_string()));
+        self.publish(topic, payload?, options).await
     }
 
     /// Subscribes to `filter`. The subscription is restored after every reconnect.
@@ -598,18 +641,30 @@ impl Bus {
         if let Err(reason) = check_filter(matcher) {
             return Err(BusError::InvalidTopic(matcher.into(), reason));
         }
-        let (sub, subscriber) = self.new_subscription(wire, matcher, qos, overflow);
-        write(&self.inner.subs).push(sub.clone());
-        // Queued for the connection; if it is down, the next CONNACK subscribes anyway.
-        let req = self
-            .inner
-            .client
-            .subscribe(sub.filter.clone(), sub.qos)
-            .await;
-        if req.is_err() {
+        if self.inner.closing.load(Ordering::Relaxed) {
             return Err(BusError::Closed);
         }
-        Ok(subscriber)
+        let (sub, subscriber) = self.new_subscription(wire, matcher, qos, overflow);
+        // Queued for the connection; if it is down, the next CONNACK subscribes anyway.
+        let wait = self.inner.options.publish_timeout;
+        let send = self.inner.client.subscribe_with_properties(
+            sub.filter.clone(),
+            sub.qos,
+            self.sub_properties(sub.sid),
+        );
+        match tokio::time::timeout(wait, send).await {
+            Ok(Ok(())) => Ok(subscriber),
+            Ok(Err(_)) => Err(BusError::Closed),
+            // Dropping `subscriber` forgets the subscription.
+            Err(_) => Err(BusError::Backpressure(wait)),
+        }
+    }
+
+    fn sub_properties(&self, sid: usize) -> SubscribeProperties {
+        SubscribeProperties {
+            id: self.inner.sub_ids.load(Ordering::Relaxed).then_some(sid),
+            user_properties: Vec::new(),
+        }
     }
 
     fn new_subscription(
@@ -621,8 +676,15 @@ impl Bus {
     ) -> (Arc<Subscription>, Subscriber) {
         let (tx, rx) = mpsc::channel(self.inner.options.subscription_buffer.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
+        let id = self.inner.next_sub.fetch_add(1, Ordering::Relaxed);
+        let mut subs = write(&self.inner.subs);
+        let sid = subs
+            .iter()
+            .find(|s| s.filter == wire)
+            .map_or((id as usize - 1) % MAX_SUBSCRIPTION_ID + 1, |s| s.sid);
         let sub = Arc::new(Subscription {
-            id: self.inner.next_sub.fetch_add(1, Ordering::Relaxed),
+            id,
+            sid,
             filter: wire.to_owned(),
             matcher: matcher.to_owned(),
             qos: qos_of(qos.min(1)),
@@ -630,10 +692,13 @@ impl Bus {
             dropped: dropped.clone(),
             overflow,
         });
+        subs.push(sub.clone());
         let subscriber = Subscriber {
             rx,
             dropped,
             filter: matcher.to_owned(),
+            id,
+            bus: Arc::downgrade(&self.inner),
         };
         (sub, subscriber)
     }
@@ -642,8 +707,7 @@ impl Bus {
         if let Err(reason) = check_topic(&topic) {
             return Err(BusError::InvalidTopic(topic, reason));
         }
-        let (sub, mut subscriber) = self.new_subscription(&topic, &topic, 1, None);
-        write(&self.inner.subs).push(sub);
+        let (_, mut subscriber) = self.new_subscription(&topic, &topic, 1, None);
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             while let Some(msg) = subscriber.recv().await {
@@ -795,6 +859,7 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
     let mut requeue: VecDeque<Publish> = VecDeque::new();
     let mut down_since: Option<Instant> = None;
     let mut failures: u32 = 0;
+    let mut up_since: Option<Instant> = None;
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -803,22 +868,28 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
         let Some(inner) = weak.upgrade() else { return };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = None;
                 failures = 0;
+                up_since = Some(Instant::now());
                 inner.counters.connects.fetch_add(1, Ordering::Relaxed);
-                // Subscriptions first, then what the last connection left unsent.
+                let ids = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.subscription_identifiers_available)
+                    != Some(0);
+                inner.sub_ids.store(ids, Ordering::Relaxed);
+                // Subscriptions first (one SUBSCRIBE per filter, as each carries its
+                // identifier), then what the last connection left unsent.
                 let subs = read(&inner.subs).clone();
                 let mut pending: VecDeque<Request> = VecDeque::new();
                 let mut seen = std::collections::HashSet::new();
-                let filters: Vec<Filter> = subs
-                    .iter()
-                    .filter(|s| seen.insert(s.filter.clone()))
-                    .map(|s| Filter::new(s.filter.clone(), s.qos))
-                    .collect();
-                for chunk in filters.chunks(64) {
-                    pending.push_back(Request::Subscribe(Subscribe::new_many(
-                        chunk.to_vec(),
-                        None,
+                for s in subs.iter().filter(|s| seen.insert(s.filter.clone())) {
+                    let props = SubscribeProperties {
+                        id: ids.then_some(s.sid),
+                        user_properties: Vec::new(),
+                    };
+                    pending.push_back(Request::Subscribe(Subscribe::new(
+                        Filter::new(s.filter.clone(), s.qos),
+                        Some(props),
                     )));
                 }
                 let n = requeue.len() as u64;
@@ -841,12 +912,15 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
                     ),
                     None => tracing::debug!(broker = %inner.options.broker, "connected"),
                 }
-                inner.connected.send_replace(true);
+                let hooks = {
+                    let hooks = lock(&inner.hooks);
+                    inner.connected.send_replace(true);
+                    hooks.clone()
+                };
                 let bus = Bus {
                     inner: inner.clone(),
                 };
-                let hooks = lock(&inner.hooks);
-                for h in hooks.iter() {
+                for h in &hooks {
                     h(&bus);
                 }
             }
@@ -900,6 +974,14 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
                     tracing::warn!(broker = %inner.options.broker, error = %describe(&e), attempts = failures, "cannot connect; retrying");
                 }
                 let opts = &inner.options;
+                // A connection that held for a while starts the backoff over; one the broker
+                // drops straight after CONNACK keeps backing off.
+                if up_since
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                {
+                    backoff = None;
+                }
                 let delay = match backoff {
                     None => opts.backoff_min,
                     Some(d) => (d * 2).min(opts.backoff_max),
@@ -930,8 +1012,19 @@ fn dispatch(inner: &Arc<Inner>, p: Publish) {
         properties: p.properties,
         received: Instant::now(),
     };
+    // With subscription identifiers, each copy the broker sends goes to the subscriptions it
+    // was sent for; without them (MQTT 3.1.1 brokers, or identifiers off), by topic.
+    let ids = msg
+        .properties
+        .as_ref()
+        .map(|p| p.subscription_identifiers.as_slice())
+        .filter(|ids| !ids.is_empty());
     let mut closed = Vec::new();
-    for s in subs.iter().filter(|s| matches(&s.matcher, topic)) {
+    let targets = subs.iter().filter(|s| match ids {
+        Some(ids) => ids.contains(&s.sid),
+        None => matches(&s.matcher, topic),
+    });
+    for s in targets {
         match s.tx.try_send(msg.clone()) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(m)) => match &s.overflow {

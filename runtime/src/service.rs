@@ -31,6 +31,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
 use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
@@ -331,6 +332,13 @@ impl ServiceBuilder {
     /// instances share the load) and starts serving.
     pub async fn start(self, bus: &Bus) -> Result<Service, StartError> {
         let spec = self.resolve()?;
+        crate::contract::validate(std::slice::from_ref(&spec), bus.prefix()).map_err(|e| {
+            StartError::Contract {
+                service: spec.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let stopping = CancellationToken::new();
         let presence = bus.options().presence.clone().and_then(|identity| {
             if identity.service != spec.name {
                 tracing::warn!(
@@ -365,6 +373,7 @@ impl ServiceBuilder {
             spec,
         });
         let mut tasks = Vec::new();
+        let mut serving = Vec::new();
         for e in &inner.spec.endpoints {
             let Some(handler) = self.handlers.get(&e.name).cloned() else {
                 continue;
@@ -384,12 +393,18 @@ impl ServiceBuilder {
             let overflow_ctx = ctx.clone();
             let overflow = Box::new(move |msg: Message| {
                 overflow_ctx.stats.reject();
-                let reply = overflow_ctx.prepare(&msg);
                 let err = ErrorBody::unavailable(format!(
                     "endpoint saturated ({} in flight and the queue full); retry later",
                     overflow_ctx.spec.max_concurrency
                 ));
-                overflow_ctx.reply_now(&reply, Err(err));
+                let service = &overflow_ctx.service;
+                if let Err(e) = reply_error(&service.bus, &msg, &service.instance, err) {
+                    tracing::warn!(
+                        endpoint = %overflow_ctx.spec.name,
+                        error = %e,
+                        "endpoint saturated and the reply queue full; request refused without a reply"
+                    );
+                }
             });
             let sub = bus
                 .subscribe_with(
@@ -399,7 +414,7 @@ impl ServiceBuilder {
                     Some(overflow),
                 )
                 .await?;
-            tasks.push(tokio::spawn(serve(ctx, sub)));
+            serving.push(tokio::spawn(serve(ctx, sub, stopping.clone())));
         }
         if let Some(p) = &presence {
             tasks.push(start_presence(p.clone(), &inner, bus, self.heartbeat, self.checks).await?);
@@ -412,7 +427,9 @@ impl ServiceBuilder {
         );
         Ok(Service {
             inner,
+            serving: Arc::new(std::sync::Mutex::new(serving)),
             tasks: Arc::new(std::sync::Mutex::new(tasks)),
+            stopping,
         })
     }
 }
@@ -433,7 +450,11 @@ struct ServiceInner {
 #[derive(Clone)]
 pub struct Service {
     inner: Arc<ServiceInner>,
+    /// One task per endpoint, taking requests until the service stops.
+    serving: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    /// Presence and tasks added with [`Service::spawn`].
     tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for Service {
@@ -522,19 +543,29 @@ impl Service {
         self.inner.presence.as_ref().map(|p| p.identity.incarnation)
     }
 
-    /// Stops serving: no new requests are taken; those in flight get `grace` to finish; the
-    /// registration becomes `{"state": "offline", "reason": "stopped"}`.
+    /// Stops serving: the endpoints are unsubscribed, so new requests go to other instances
+    /// (or get `NO_RESPONDERS`); requests already received, queued or in flight, get `grace`
+    /// to finish and be answered; the registration becomes
+    /// `{"state": "offline", "reason": "stopped"}`.
     pub async fn stop(&self, grace: Duration) {
         if let Some(p) = &self.inner.presence {
             p.publish_stopped(&self.inner.bus).await;
         }
+        self.stopping.cancel();
+        let serving = std::mem::take(&mut *self.serving.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = Instant::now() + grace;
+        for t in serving {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline.into(), t).await.is_err() {
+                abort.abort();
+            }
+        }
+        while Instant::now() < deadline && self.total_stats().inflight > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in &tasks {
             t.abort();
-        }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && self.total_stats().inflight > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -651,17 +682,36 @@ struct ReplyTo {
     qos: u8,
 }
 
-async fn serve(ctx: Arc<EndpointCtx>, mut sub: crate::bus::Subscriber) {
-    while let Some(msg) = sub.recv().await {
-        let Ok(permit) = ctx.limit.clone().acquire_owned().await else {
-            return;
+/// Takes requests until `stopping`; then unsubscribes and serves what was already received.
+/// Returns once every request it took has been answered.
+async fn serve(
+    ctx: Arc<EndpointCtx>,
+    mut sub: crate::bus::Subscriber,
+    stopping: CancellationToken,
+) {
+    let mut running = tokio::task::JoinSet::new();
+    let mut stopped = false;
+    loop {
+        let msg = tokio::select! {
+            m = sub.recv() => m,
+            _ = stopping.cancelled(), if !stopped => {
+                stopped = true;
+                sub.unsubscribe();
+                continue;
+            }
         };
+        let Some(msg) = msg else { break };
+        let Ok(permit) = ctx.limit.clone().acquire_owned().await else {
+            break;
+        };
+        while running.try_join_next().is_some() {}
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             ctx.handle(msg).await;
             drop(permit);
         });
     }
+    while running.join_next().await.is_some() {}
 }
 
 impl EndpointCtx {
@@ -691,13 +741,20 @@ impl EndpointCtx {
         let mut reply = self.prepare(&msg);
         let result = self.run(&msg, &mut reply).await;
         let ok = result.is_ok();
-        if let Err(e) = &result {
-            if e.code == code::BAD_REQUEST || e.code == code::PAYLOAD_TOO_LARGE {
-                self.dead_letter(&msg, e).await;
+        let letter = match &result {
+            Err(e) if e.code == code::BAD_REQUEST || e.code == code::PAYLOAD_TOO_LARGE => {
+                Some(e.clone())
             }
+            _ => None,
+        };
+        if let Err(e) = &result {
             tracing::debug!(endpoint = %self.spec.name, code = %e.code, error = %e.message, "request failed");
         }
+        // The caller waits for the reply; the dead letter is for operators, so it goes second.
         self.reply(&reply, result).await;
+        if let Some(e) = letter {
+            self.dead_letter(&msg, &e).await;
+        }
         self.stats.finish(started.elapsed(), ok);
     }
 
@@ -872,14 +929,6 @@ impl EndpointCtx {
     async fn reply(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) {
         let (topic, payload, opts) = self.encode(reply, result);
         if let Err(e) = self.service.bus.publish(&topic, payload, opts).await {
-            tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
-        }
-    }
-
-    /// Replies without waiting (used where waiting would stall the connection task).
-    fn reply_now(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) {
-        let (topic, payload, opts) = self.encode(reply, result);
-        if let Err(e) = self.service.bus.try_publish(&topic, payload, opts) {
             tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
         }
     }
