@@ -328,6 +328,11 @@ impl Subscriber {
         self.rx.recv().await
     }
 
+    /// The next message if one is buffered now.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
     /// Messages lost because this subscriber fell more than its buffer behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

@@ -88,6 +88,16 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
     let mut statuses = bus
         .subscribe(&format!("{prefix}/health/status/+"), 1)
         .await?;
+    // Retained statuses are in before our round trip completes; take them before anything
+    // else, so that what happened while the monitor was away is compared with what it last
+    // said, whatever order the broker sends the rest in.
+    if bus.sync(Duration::from_secs(5)).await {
+        while let Some(m) = statuses.try_recv() {
+            if m.retain {
+                ctx.load_status(&m);
+            }
+        }
+    }
     let mut beats = bus
         .subscribe(&format!("{prefix}/health/heartbeat/+/+"), 0)
         .await?;
@@ -118,10 +128,31 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
     service.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_up = true;
         loop {
             tick.tick().await;
-            c.check_misses().await;
+            // Heartbeats cannot reach us while our own connection is down: that is no
+            // instance's fault, so each gets a fresh window once we are back.
+            let up = c.bus.is_connected();
+            if up && !was_up {
+                c.restart_windows();
+            }
+            was_up = up;
+            if up {
+                c.check_misses().await;
+            }
         }
+    });
+    // A broker restart loses retained messages: after every reconnect but the first, the
+    // status records and the summary are published again from what the monitor knows.
+    let c = ctx.clone();
+    let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    bus.on_connect(move |_| {
+        if connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
+        let c = c.clone();
+        tokio::spawn(async move { c.republish().await });
     });
     Ok(Monitor { service })
 }
@@ -330,6 +361,10 @@ impl Ctx {
                         }
                     }
                     Some(i) => {
+                        if online {
+                            // A birth is a sign of life as good as a heartbeat.
+                            i.last_seen = Instant::now();
+                        }
                         if incarnation > i.incarnation {
                             i.incarnation = incarnation;
                             i.beats = 0;
@@ -386,6 +421,22 @@ impl Ctx {
         } else {
             self.announce(transitions).await;
         }
+    }
+
+    fn restart_windows(&self) {
+        let mut st = lock(&self.state);
+        for i in st.services.values_mut().flat_map(|m| m.values_mut()) {
+            i.last_seen = Instant::now();
+        }
+    }
+
+    /// Publishes every status record and the summary again.
+    async fn republish(&self) {
+        let services: Vec<String> = lock(&self.state).services.keys().cloned().collect();
+        for s in &services {
+            self.publish_status(s).await;
+        }
+        self.publish_summary().await;
     }
 
     async fn check_misses(&self) {

@@ -3,5 +3,6 @@
 
 mod broker;
 mod harness;
+mod health;
 mod presence;
 mod runtime;

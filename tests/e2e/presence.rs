@@ -10,7 +10,7 @@ use crate::harness::*;
 const T: Duration = Duration::from_secs(5);
 
 /// `edgebus up` with no example services, on a free port.
-fn up(dir: &TempDir, extra: &str) -> (Proc, std::net::SocketAddr) {
+pub fn up(dir: &TempDir, extra: &str) -> (Proc, std::net::SocketAddr) {
     let cfg = dir.file(
         "topics.toml",
         &format!("[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n[up]\nservices = []\n{extra}"),
@@ -33,14 +33,26 @@ fn up(dir: &TempDir, extra: &str) -> (Proc, std::net::SocketAddr) {
     (proc, addr)
 }
 
-/// Updates and alerts about one instance: `(kind, event-or-"from→to", reason)`.
-struct Watch {
+/// Updates and alerts about one instance, or every instance of one service.
+pub struct Watch {
     sub: Sub,
-    instance: String,
+    field: &'static str,
+    value: String,
 }
 
 impl Watch {
-    fn start(port: &str, instance: &str) -> Watch {
+    /// Updates and alerts about instance `instance`, as `update EVENT` / `alert FROM→TO`.
+    pub fn start(port: &str, instance: &str) -> Watch {
+        Watch::on(port, "instance", instance)
+    }
+
+    /// Updates and alerts about every instance of `service`, as `INSTANCE update EVENT` /
+    /// `INSTANCE alert FROM→TO`.
+    pub fn service(port: &str, service: &str) -> Watch {
+        Watch::on(port, "service", service)
+    }
+
+    fn on(port: &str, field: &'static str, value: &str) -> Watch {
         let sub = Sub::start(
             port,
             &[
@@ -54,22 +66,23 @@ impl Watch {
         );
         Watch {
             sub,
-            instance: instance.to_owned(),
+            field,
+            value: value.to_owned(),
         }
     }
 
-    /// The next update or alert about our instance, as a short string, with its arrival time.
-    fn next(&self, timeout: Duration) -> Option<(String, Instant)> {
+    /// The next update or alert that matches, as a short string, with its arrival time.
+    pub fn next(&self, timeout: Duration) -> Option<(String, Instant)> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.sub.next(left)?;
             let at = Instant::now();
             let v = json_of(&line);
-            if v["instance"] != self.instance.as_str() {
+            if v[self.field] != self.value.as_str() {
                 continue;
             }
-            let s = if line.starts_with("edge/health/alert ") {
+            let mut s = if line.starts_with("edge/health/alert ") {
                 format!(
                     "alert {}→{}",
                     v["from"].as_str().unwrap_or(""),
@@ -78,19 +91,22 @@ impl Watch {
             } else {
                 format!("update {}", v["event"].as_str().unwrap_or(""))
             };
+            if self.field == "service" {
+                s = format!("{} {s}", v["instance"].as_str().unwrap_or(""));
+            }
             return Some((s, at));
         }
     }
 
     /// The next `n` items, in order of arrival, sorted within (updates and alerts come from
     /// two processes, so their relative order is not fixed).
-    fn expect(&self, want: &[&str]) -> Instant {
+    pub fn expect(&self, want: &[&str]) -> Instant {
         let mut got = Vec::new();
         let mut first = None;
         for _ in want {
             let (s, at) = self
                 .next(T)
-                .unwrap_or_else(|| panic!("expected {want:?}, got only {got:?}"));
+                .unwrap_or_else(|| panic!("expected {want:?}, got only {got:?} ({})", self.value));
             first.get_or_insert(at);
             got.push(s);
         }
@@ -98,18 +114,19 @@ impl Watch {
         a.sort();
         let mut b: Vec<String> = want.iter().map(|s| s.to_string()).collect();
         b.sort();
-        assert_eq!(a, b, "sequence for {}", self.instance);
+        assert_eq!(a, b, "sequence for {}", self.value);
         first.unwrap_or_else(Instant::now)
     }
 
-    fn expect_quiet(&self, quiet: Duration) {
+    pub fn expect_quiet(&self, quiet: Duration) {
         if let Some((s, _)) = self.next(quiet) {
-            panic!("unexpected {s} for {}", self.instance);
+            panic!("unexpected {s} for {}", self.value);
         }
     }
 }
 
-fn retained(port: &str, topic: &str) -> Option<Value> {
+/// The retained message on `topic`, if any.
+pub fn retained(port: &str, topic: &str) -> Option<Value> {
     let (_, out) = run_tool("mosquitto_sub", port, &["-t", topic, "-C", "1", "-W", "1"]);
     out.lines()
         .find(|l| l.starts_with('{'))
