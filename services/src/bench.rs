@@ -41,9 +41,23 @@ pub struct BenchOptions {
     pub topics: usize,
     /// Distinct client ids that connect and leave in the memory scenario.
     pub client_ids: usize,
+    /// Trials of the failure-detection scenario (0 skips it).
+    pub detect_trials: usize,
+    /// Scenario groups to run (`rtt`, `runtime`, `fan`, `connect`, `memory`, `detect`);
+    /// empty runs all.
+    pub only: Vec<String>,
     /// Upper bound on each scenario.
     pub timeout: Duration,
 }
+
+impl BenchOptions {
+    fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
+}
+
+/// The scenario groups `--only` takes.
+pub const GROUPS: &[&str] = &["rtt", "runtime", "fan", "connect", "memory", "detect"];
 
 impl Default for BenchOptions {
     fn default() -> Self {
@@ -56,6 +70,8 @@ impl Default for BenchOptions {
             payload: 64,
             topics: 100_000,
             client_ids: 10_000,
+            detect_trials: 5,
+            only: Vec::new(),
             timeout: Duration::from_secs(30),
         }
     }
@@ -91,36 +107,71 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
         });
     };
     let rss_idle = target.pid.map(rss).transpose();
-    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
-        let q = qos as u8;
+    if opts.wants("rtt") {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let q = qos as u8;
+            push(
+                &format!("round trip QoS {q} p50 / p99 / p999"),
+                round_trip(target.addr, qos, opts).await,
+            );
+        }
+    }
+    if opts.wants("runtime") {
         push(
-            &format!("round trip QoS {q} p50 / p99 / p999"),
-            round_trip(target.addr, qos, opts).await,
+            "runtime request/response QoS 1 p50 / p99 / p999",
+            runtime_round_trip(target.addr, opts).await,
+        );
+        push(
+            &format!("runtime requests/s, one echo, {RUNTIME_CONCURRENCY} in flight"),
+            runtime_throughput(target.addr, opts).await,
         );
     }
-    push(
-        "runtime request/response QoS 1 p50 / p99 / p999",
-        runtime_round_trip(target.addr, opts).await,
-    );
-    push(
-        &format!("runtime requests/s, one echo, {RUNTIME_CONCURRENCY} in flight"),
-        runtime_throughput(target.addr, opts).await,
-    );
-    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
-        let q = qos as u8;
+    if opts.wants("fan") {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let q = qos as u8;
+            push(
+                &format!("fan-in {}→1 QoS {q} (msg/s, delivered)", opts.width),
+                fan_in(target.addr, qos, opts).await,
+            );
+            push(
+                &format!("fan-out 1→{} QoS {q} (deliveries/s, delivered)", opts.width),
+                fan_out(target.addr, qos, opts).await,
+            );
+        }
+    }
+    if opts.wants("connect") {
         push(
-            &format!("fan-in {}→1 QoS {q} (msg/s, delivered)", opts.width),
-            fan_in(target.addr, qos, opts).await,
-        );
-        push(
-            &format!("fan-out 1→{} QoS {q} (deliveries/s, delivered)", opts.width),
-            fan_out(target.addr, qos, opts).await,
+            "connection rate (CONNECT→CONNACK/s)",
+            connection_rate(target.addr, opts).await,
         );
     }
-    push(
-        "connection rate (CONNECT→CONNACK/s)",
-        connection_rate(target.addr, opts).await,
-    );
+    if opts.wants("detect") && opts.detect_trials > 0 {
+        let n = opts.detect_trials;
+        match crate::detect::run(target.addr, n).await {
+            Ok(d) => {
+                push(
+                    &format!("SIGKILL → offline alert, ms p50 / max ({n} trials)"),
+                    Ok(crate::detect::p50_max_ms(&d.kill)),
+                );
+                push(
+                    &format!("SIGSTOP → unhealthy alert, ms p50 / max ({n} trials)"),
+                    Ok(crate::detect::p50_max_ms(&d.stop)),
+                );
+                push(
+                    &format!("NO_RESPONDERS reply, ms p50 / max ({n} trials)"),
+                    Ok(crate::detect::p50_max_ms(&d.no_responders)),
+                );
+                push(
+                    "detection events duplicated / missing",
+                    Ok(format!("{} / {}", d.duplicates, d.missing)),
+                );
+            }
+            Err(e) => push("failure detection", Err(e)),
+        }
+    }
+    if !opts.wants("memory") {
+        return rows;
+    }
     if let (Some(pid), Ok(Some(idle))) = (target.pid, rss_idle) {
         push("RSS idle (KiB)", Ok(idle.to_string()));
         push(

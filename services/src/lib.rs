@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: topics.toml, loaded and validated with located errors.
-//! - [`bench`]: the `edgebus bench` scenarios.
+//! - [`bench`]: the `edgebus bench` scenarios; [`detect`], its failure-detection scenario.
 //! - [`passwd`]: `edgebus passwd`.
 //! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
 //! - [`discovery`], [`health`]: the registry and the health monitor, as services.
@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod detect;
 pub mod discovery;
 pub mod examples;
 pub mod health;

@@ -176,11 +176,22 @@ struct BenchArgs {
     /// Distinct client ids connecting and leaving in the memory scenario.
     #[arg(long, default_value_t = 10_000)]
     client_ids: usize,
+    /// Trials of the failure-detection scenario (SIGKILL, SIGSTOP, NO_RESPONDERS); 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    detect_trials: usize,
+    /// Only these scenario groups (comma-separated): rtt, runtime, fan, connect, memory, detect.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
+    only: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The bench prints a table; its in-process parts only speak up about trouble.
+    init_tracing(if matches!(cli.command, Cmd::Bench(_)) {
+        "warn,rumqttd=off"
+    } else {
+        "info,rumqttd=off"
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -190,11 +201,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("EDGEBUS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+        .unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -530,6 +541,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         payload: args.payload,
         topics: args.topics,
         client_ids: args.client_ids,
+        detect_trials: args.detect_trials,
+        only: args.only,
         ..BenchOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
