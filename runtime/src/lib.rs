@@ -11,6 +11,7 @@
 //! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks.
 //! - [`request`]: the client side of request/response.
 //! - [`service`]: services, endpoints and the serving loop.
+//! - [`saga`]: sagas and pipelines: steps, retries, compensation, a durable journal.
 //! - [`events`]: event envelopes, typed event streams, batching.
 //! - [`stats`]: per-endpoint counters and latency percentiles.
 
@@ -28,6 +29,8 @@ pub mod presence;
 #[cfg(feature = "client")]
 pub mod request;
 #[cfg(feature = "client")]
+pub mod saga;
+#[cfg(feature = "client")]
 pub mod service;
 #[cfg(feature = "client")]
 pub mod stats;
@@ -40,6 +43,7 @@ pub mod prelude {
     pub use crate::events::{Event, EventStream};
     pub use crate::presence::{Check, Status};
     pub use crate::request::{RequestError, RequestOptions};
+    pub use crate::saga::{RetryPolicy, RunState, RunStatus, Saga, Step};
     pub use crate::service::{Request, Service, ServiceBuilder};
     pub use crate::wire::{code, ServiceError};
 }
