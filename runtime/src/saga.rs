@@ -94,7 +94,10 @@ impl RetryPolicy {
     /// The delay before attempt `attempt + 1` (after `attempt` failed), with jitter.
     pub fn delay(&self, attempt: u32) -> Duration {
         let base = self.initial_delay.as_secs_f64()
-            * self.multiplier.max(1.0).powi(attempt.saturating_sub(1) as i32);
+            * self
+                .multiplier
+                .max(1.0)
+                .powi(attempt.saturating_sub(1) as i32);
         let base = base.min(self.max_delay.as_secs_f64());
         let spread = self.jitter.clamp(0.0, 1.0);
         let r = (random_u64() % 10_000) as f64 / 10_000.0; // [0, 1)
@@ -600,7 +603,9 @@ impl Saga {
         observer: Option<Observer>,
     ) -> Result<RunState, JournalError> {
         let Some(state) = RunState::from_start(start, self) else {
-            return Err(JournalError(std::io::Error::other("not a start transition")));
+            return Err(JournalError(std::io::Error::other(
+                "not a start transition",
+            )));
         };
         if let Some(j) = journal {
             j.record(start)?;
@@ -666,7 +671,10 @@ impl Saga {
                 let key = format!("{run}/{}", step.name);
                 match perform(bus, &step.action, &input, &ctx, &key, step.timeout).await {
                     Ok(out) => break Ok(out),
-                    Err(e) if attempt < step.retry.max_attempts && step.retry.retries_code(&e.code) => {
+                    Err(e)
+                        if attempt < step.retry.max_attempts
+                            && step.retry.retries_code(&e.code) =>
+                    {
                         tracing::debug!(%run, step = %step.name, attempt, error = %e, "step failed; retrying");
                         tokio::time::sleep(step.retry.delay(attempt)).await;
                         attempt += 1;
@@ -754,7 +762,10 @@ impl Saga {
                 let key = format!("{run}/{}/compensate", step.name);
                 match perform(bus, action, &input, &ctx, &key, step.timeout).await {
                     Ok(_) => break Ok(()),
-                    Err(e) if attempt < step.retry.max_attempts && step.retry.retries_code(&e.code) => {
+                    Err(e)
+                        if attempt < step.retry.max_attempts
+                            && step.retry.retries_code(&e.code) =>
+                    {
                         tokio::time::sleep(step.retry.delay(attempt)).await;
                         attempt += 1;
                     }
@@ -827,14 +838,15 @@ async fn perform(
                 Err(e) => Err(e.to_body()),
             }
         }
-        Action::Local(f) => match tokio::time::timeout(timeout, f(input.clone(), ctx.clone())).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ErrorBody::new(
-                code::TIMEOUT,
-                format!("step did not finish within {timeout:?}"),
-            )),
-        },
+        Action::Local(f) => {
+            match tokio::time::timeout(timeout, f(input.clone(), ctx.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(ErrorBody::new(
+                    code::TIMEOUT,
+                    format!("step did not finish within {timeout:?}"),
+                )),
+            }
+        }
     }
 }
 
@@ -880,11 +892,9 @@ pub fn render(template: &Value, ctx: &Value) -> Value {
             Value::String(out)
         }
         Value::Array(a) => Value::Array(a.iter().map(|v| render(v, ctx)).collect()),
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, v)| (k.clone(), render(v, ctx)))
-                .collect(),
-        ),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (k.clone(), render(v, ctx))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -913,13 +923,11 @@ pub fn template_paths(template: &Value) -> Vec<String> {
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.trim()
-        .split('.')
-        .try_fold(v, |v, key| match v {
-            Value::Object(o) => o.get(key),
-            Value::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get(i)),
-            _ => None,
-        })
+    path.trim().split('.').try_fold(v, |v, key| match v {
+        Value::Object(o) => o.get(key),
+        Value::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get(i)),
+        _ => None,
+    })
 }
 
 /// An append-only journal file: one JSON transition per line, `fdatasync` after each, and
@@ -1070,18 +1078,14 @@ mod tests {
 
     #[test]
     fn templates_fill_whole_values_and_text() {
-        let ctx = json!({"request": {"order": "A1", "qty": 2}, "steps": {"r": {"id": 7}}, "run_id": "x"});
+        let ctx =
+            json!({"request": {"order": "A1", "qty": 2}, "steps": {"r": {"id": 7}}, "run_id": "x"});
         let t = json!({"key": "${request.order}/reserved", "n": "${request.qty}", "id": "${steps.r.id}", "missing": "${steps.none}", "run": "${run_id}"});
         assert_eq!(
             render(&t, &ctx),
             json!({"key": "A1/reserved", "n": 2, "id": 7, "missing": null, "run": "x"})
         );
-        assert_eq!(
-            template_paths(&t).len(),
-            5,
-            "{:?}",
-            template_paths(&t)
-        );
+        assert_eq!(template_paths(&t).len(), 5, "{:?}", template_paths(&t));
     }
 
     #[test]

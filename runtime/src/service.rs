@@ -988,6 +988,113 @@ pub fn dead_letter_body(
     v
 }
 
+/// Where the reply to a request goes, read from the request as the contract says (response
+/// topic with correlation data, `reply_to`, or `{base}/result|error`). It can be kept (it is
+/// serializable) and used later: the orchestrator answers a saga request after a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplyAddress {
+    /// The reply topic; `None`: `{base}/result` or `{base}/error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The request topic without `/request`, for `{base}/result|error`.
+    pub base: String,
+    /// MQTT 5 correlation data, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<String>,
+    /// The JSON `correlation_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The JSON `session_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// QoS of the reply.
+    pub qos: u8,
+}
+
+impl ReplyAddress {
+    /// The address of `msg`, given its metadata (already taken out of the payload).
+    pub fn of(msg: &Message, meta: &RequestMeta) -> ReplyAddress {
+        let topic = match (msg.response_topic(), &meta.reply_to) {
+            (Some(t), _) => Some(t.to_owned()),
+            (None, Some(t)) if check_topic(t).is_ok() && !t.starts_with('$') => Some(t.clone()),
+            _ => None,
+        };
+        ReplyAddress {
+            topic,
+            base: msg
+                .topic
+                .strip_suffix("/request")
+                .unwrap_or(&msg.topic)
+                .to_owned(),
+            correlation_data: msg
+                .correlation_data()
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c)),
+            correlation_id: meta.correlation_id.clone(),
+            session_id: meta.session_id.clone(),
+            qos: msg.qos.min(1),
+        }
+    }
+
+    /// Publishes the reply: `data` in the body either way, `error` when it failed.
+    pub fn reply(
+        &self,
+        bus: &Bus,
+        service: Option<&str>,
+        instance: &str,
+        data: Option<Value>,
+        error: Option<ErrorBody>,
+    ) -> Result<(), BusError> {
+        let correlation_data = self.correlation_data.as_ref().and_then(|c| {
+            base64::engine::general_purpose::STANDARD
+                .decode(c)
+                .ok()
+                .map(Bytes::from)
+        });
+        let request_id = match (&correlation_data, &self.correlation_id, &self.session_id) {
+            (Some(c), _, _) => String::from_utf8_lossy(c).into_owned(),
+            (None, Some(c), _) | (None, None, Some(c)) => c.clone(),
+            _ => format!("{:016x}", random_u64()),
+        };
+        let success = error.is_none();
+        let topic = match &self.topic {
+            Some(t) => t.clone(),
+            None if success => format!("{}/result", self.base),
+            None => format!("{}/error", self.base),
+        };
+        let status = error
+            .as_ref()
+            .map_or_else(|| "ok".to_owned(), |e| e.code.clone());
+        let body = ReplyBody {
+            success,
+            data,
+            error,
+            request_id,
+            correlation_id: self.correlation_id.clone(),
+            session_id: self.session_id.clone(),
+            service: service.map(str::to_owned),
+            instance: Some(instance.to_owned()),
+            timestamp: timestamp(),
+        };
+        let payload = serde_json::to_vec(&body).map_err(|e| BusError::Encode(e.to_string()))?;
+        let properties = PublishProperties {
+            payload_format_indicator: Some(1),
+            correlation_data,
+            user_properties: vec![("status".into(), status)],
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        bus.try_publish(
+            &topic,
+            payload,
+            PublishOptions {
+                qos: self.qos,
+                retain: false,
+                properties: Some(properties),
+            },
+        )
+    }
+}
+
 /// Answers a request message with `error`, routed as the contract says (response topic with
 /// correlation data, `reply_to`, or `{base}/error`), without waiting. For parts of the bus
 /// that answer for others, such as discovery's `NO_RESPONDERS`.
@@ -999,49 +1106,5 @@ pub fn reply_error(
 ) -> Result<(), BusError> {
     let mut data: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
     let meta = RequestMeta::take(&mut data).unwrap_or_default();
-    let correlation_data = msg.correlation_data().cloned();
-    let topic = match (msg.response_topic(), &meta.reply_to) {
-        (Some(t), _) => t.to_owned(),
-        (None, Some(t)) if check_topic(t).is_ok() && !t.starts_with('$') => t.clone(),
-        _ => match msg.topic.strip_suffix("/request") {
-            Some(base) => format!("{base}/error"),
-            None => return Ok(()),
-        },
-    };
-    let request_id = match &correlation_data {
-        Some(c) => String::from_utf8_lossy(c).into_owned(),
-        None => meta
-            .correlation_id
-            .clone()
-            .or(meta.session_id.clone())
-            .unwrap_or_else(|| format!("{:016x}", random_u64())),
-    };
-    let status = error.code.clone();
-    let body = ReplyBody {
-        success: false,
-        data: None,
-        error: Some(error),
-        request_id,
-        correlation_id: meta.correlation_id,
-        session_id: meta.session_id,
-        service: None,
-        instance: Some(instance.to_owned()),
-        timestamp: timestamp(),
-    };
-    let properties = PublishProperties {
-        payload_format_indicator: Some(1),
-        correlation_data,
-        user_properties: vec![("status".into(), status)],
-        content_type: Some("application/json".into()),
-        ..Default::default()
-    };
-    bus.try_publish(
-        &topic,
-        serde_json::to_vec(&body).unwrap_or_default(),
-        PublishOptions {
-            qos: msg.qos.min(1),
-            retain: false,
-            properties: Some(properties),
-        },
-    )
+    ReplyAddress::of(msg, &meta).reply(bus, None, instance, None, Some(error))
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::discovery::DiscoveryConfig;
 use crate::examples::hostmetrics::HostmetricsConfig;
 use crate::health::HealthConfig;
+use crate::orchestrator::{OrchestratorConfig, SagaConfig};
 
 /// The whole of topics.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -30,6 +31,10 @@ pub struct TopicsFile {
     pub discovery: DiscoveryConfig,
     /// `[health]`: the health monitor.
     pub health: HealthConfig,
+    /// `[[saga]]`: sagas the orchestrator runs.
+    pub saga: Vec<SagaConfig>,
+    /// `[orchestrator]`: its journal and limits.
+    pub orchestrator: OrchestratorConfig,
 }
 
 /// `[up]`: what `edgebus up` runs in one process.
@@ -127,6 +132,12 @@ impl TopicsFile {
         file.bus.validate().map_err(|m| locate("bus", m))?;
         file.broker.validate().map_err(|m| locate("broker", m))?;
         contract::validate(&file.service, &file.bus.prefix).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: find_path(text, &e.path),
+            key: Some(e.path.clone()),
+            message: e.message,
+        })?;
+        crate::orchestrator::validate(&file.saga, &file.service).map_err(|e| ConfigError {
             file: path.to_owned(),
             line: find_path(text, &e.path),
             key: Some(e.path.clone()),
@@ -266,6 +277,17 @@ mod tests {
         let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.to_string().contains("timeout"), "{e}");
+
+        let text = "[[saga]]\nname = \"s\"\n[[saga.step]]\nname = \"a\"\ncall = \"kv/put\"\n\
+                    [[saga.step]]\nname = \"b\"\ncall = \"kv/put\"\n\
+                    input = { key = \"${steps.c.key}\" }\n";
+        let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("saga[0].step[1].input"), "{e}");
+        assert_eq!(e.line, Some(9), "{e}");
+        let text = "[[saga]]\nname = \"s\"\n[[saga.step]]\nname = \"a\"\ncall = \"kv\"\n";
+        let e = TopicsFile::parse(text, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("saga[0].step[0].call"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
 
         let e =
             TopicsFile::parse("[broker]\nsegment_count = 0\n", Path::new("t.toml")).unwrap_err();

@@ -6,6 +6,7 @@
 //! - [`passwd`]: `edgebus passwd`.
 //! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
 //! - [`discovery`], [`health`]: the registry and the health monitor, as services.
+//! - [`orchestrator`]: the sagas of topics.toml, run durably.
 //! - [`views`]: `edgebus services` and `edgebus health`.
 //! - [`run`]: running services and making calls from the command line.
 
@@ -15,6 +16,7 @@ pub mod detect;
 pub mod discovery;
 pub mod examples;
 pub mod health;
+pub mod orchestrator;
 pub mod passwd;
 pub mod run;
 pub mod views;

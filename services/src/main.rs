@@ -61,6 +61,8 @@ enum Cmd {
     },
     /// Runs the discovery service (the registry, NO_RESPONDERS, the list endpoint).
     Discovery(PartArgs),
+    /// Runs the saga orchestrator (the `[[saga]]` tables of topics.toml).
+    Orchestrator(PartArgs),
     /// The health view; `edgebus health monitor` runs the health monitor itself.
     Health {
         /// `monitor`: run the health monitor (one systemd unit).
@@ -240,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             services_runtime()?.block_on(run::run_service(&name, &file, options, signal()))
         }
         Cmd::Discovery(a) => run_part("discovery", a),
+        Cmd::Orchestrator(a) => run_part("orchestrator", a),
         Cmd::Health {
             run: Some(HealthCmd::Monitor(a)),
             ..
@@ -393,7 +396,10 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        let parts = ["discovery".to_owned(), "health-monitor".to_owned()];
+        let mut parts = vec!["discovery".to_owned(), "health-monitor".to_owned()];
+        if !file.saga.is_empty() {
+            parts.push("orchestrator".to_owned());
+        }
         for name in parts.into_iter().chain(file.up.services.clone()) {
             let options = run::service_options(&file, Some(&addr.to_string()), &name, None);
             let file = file.clone();

@@ -62,7 +62,8 @@ pub async fn run_service(
     Ok(())
 }
 
-/// Part names that run as services: the built-in examples, `discovery` and `health-monitor`.
+/// Part names that run as services: the built-in examples, `discovery`, `health-monitor` and
+/// `orchestrator`.
 pub async fn start_part(
     name: &str,
     file: &TopicsFile,
@@ -77,6 +78,15 @@ pub async fn start_part(
         "health-monitor" => Ok(crate::health::start(&file.bus.prefix, &file.health, bus)
             .await?
             .service),
+        "orchestrator" => Ok(crate::orchestrator::start(
+            &file.bus.prefix,
+            &file.orchestrator,
+            &file.saga,
+            &file.service,
+            bus,
+        )
+        .await?
+        .service),
         other => examples::start(other, file, bus).await,
     }
 }
