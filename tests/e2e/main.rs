@@ -6,3 +6,4 @@ mod harness;
 mod health;
 mod presence;
 mod runtime;
+mod saga;
