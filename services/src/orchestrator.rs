@@ -308,7 +308,7 @@ pub async fn start(
         .description("runs the sagas declared in topics.toml")
         .capability("saga");
     for s in sagas {
-        builder = builder.tag(&format!("saga:{}", s.name));
+        builder = builder.tag(format!("saga:{}", s.name));
     }
     let service = builder.start(bus).await?;
     let ctx = Arc::new(Ctx {
