@@ -134,7 +134,9 @@ pub fn builder(file: &TopicsFile) -> ServiceBuilder {
                 }
                 kv.clone()
                     .once(key, || async move {
-                        tokio::time::sleep(Duration::from_millis(p.delay_ms)).await;
+                        if p.delay_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(p.delay_ms)).await;
+                        }
                         let mut s = kv.store();
                         if p.if_absent && s.data.contains_key(&p.key) {
                             return Err(ErrorBody::new(
