@@ -947,6 +947,11 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 if inner.closing.load(Ordering::Relaxed) {
                     inner.connected.send_replace(false);
+                    drop(inner);
+                    // Keep polling until the broker closes the connection, so the DISCONNECT
+                    // is surely flushed (else the broker publishes the Last Will).
+                    let drain = async { while el.poll().await.is_ok() {} };
+                    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
                     return;
                 }
             }
