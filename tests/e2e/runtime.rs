@@ -28,7 +28,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A runtime client with its own reply topic, connected and synced.
-async fn client(addr: SocketAddr) -> Bus {
+pub async fn client(addr: SocketAddr) -> Bus {
     let id = format!("test-{:08x}", random_u64() as u32);
     let mut o = BusOptions::new(addr.to_string(), id.clone());
     o.reply_topic = Some(format!("edge/system/reply/{id}"));

@@ -6,13 +6,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
+use edgebus_runtime::bus::random_u64;
 use edgebus_runtime::request::RequestOptions;
 use edgebus_runtime::wire::ReplyBody;
 use serde_json::{json, Value};
 
 use crate::harness::*;
 use crate::presence::retained;
+use crate::runtime::client;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -284,15 +285,6 @@ fn sagas_complete_compensate_in_reverse_time_out_and_report_failed_compensations
             assert_eq!(s["puts"][format!("{key}/c{n}")], 1, "{s}");
         }
     }
-}
-
-async fn client(addr: SocketAddr) -> Bus {
-    let id = format!("test-{:08x}", random_u64() as u32);
-    let mut o = BusOptions::new(addr.to_string(), id.clone());
-    o.reply_topic = Some(format!("edge/system/reply/{id}"));
-    let bus = Bus::connect(o).expect("bus");
-    assert!(bus.sync(T).await, "client could not reach {addr}");
-    bus
 }
 
 #[test]
