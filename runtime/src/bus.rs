@@ -202,6 +202,16 @@ impl PublishOptions {
             ..Default::default()
         }
     }
+
+    /// QoS 1, retained, no properties: registrations, status records, run records, and the
+    /// empty payload that deletes one.
+    pub const fn retained() -> Self {
+        PublishOptions {
+            qos: 1,
+            retain: true,
+            properties: None,
+        }
+    }
 }
 
 /// Counters of one bus; all monotonic except `connected`.
@@ -571,11 +581,7 @@ impl Bus {
                 payload,
                 options.properties.unwrap_or_default(),
             );
-            match tokio::time::timeout(wait, send).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(BusError::Closed),
-                Err(_) => Err(BusError::Backpressure(wait)),
-            }
+            queue(wait, send).await
         }
         .await;
         if let Err(e) = &r {
@@ -657,12 +663,8 @@ impl Bus {
             sub.qos,
             self.sub_properties(sub.sid),
         );
-        match tokio::time::timeout(wait, send).await {
-            Ok(Ok(())) => Ok(subscriber),
-            Ok(Err(_)) => Err(BusError::Closed),
-            // Dropping `subscriber` forgets the subscription.
-            Err(_) => Err(BusError::Backpressure(wait)),
-        }
+        // On failure, dropping `subscriber` forgets the subscription.
+        queue(wait, send).await.map(|()| subscriber)
     }
 
     fn sub_properties(&self, sid: usize) -> SubscribeProperties {
@@ -799,6 +801,18 @@ impl Bus {
         self.inner.connected.send_replace(false);
         write(&self.inner.subs).clear();
         lock(&self.inner.pending).clear();
+    }
+}
+
+/// Waits at most `wait` for room in rumqttc's request queue.
+async fn queue<E>(
+    wait: Duration,
+    send: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), BusError> {
+    match tokio::time::timeout(wait, send).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(BusError::Closed),
+        Err(_) => Err(BusError::Backpressure(wait)),
     }
 }
 

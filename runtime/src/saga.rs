@@ -393,40 +393,18 @@ impl RunState {
         }
     }
 
-    /// A run as a start record describes it.
+    /// A run as a start record describes it (`None` for any other transition).
     pub fn from_start(t: &Transition, saga: &Saga) -> Option<RunState> {
-        let Transition::Start {
-            run,
-            saga: name,
-            input,
-            at,
-            meta,
-        } = t
-        else {
-            return None;
-        };
-        Some(RunState {
-            run_id: run.clone(),
-            saga: name.clone(),
-            status: RunStatus::Running,
-            input: input.clone(),
-            steps: saga
-                .steps
-                .iter()
-                .map(|s| StepState {
-                    name: s.name.clone(),
-                    state: StepStatus::Pending,
-                    attempts: 0,
-                    compensation_attempts: 0,
-                    output: None,
-                    error: None,
-                })
-                .collect(),
-            error: None,
-            started_at: at.clone(),
-            ended_at: None,
-            meta: meta.clone(),
-        })
+        match t {
+            Transition::Start {
+                run,
+                input,
+                at,
+                meta,
+                ..
+            } => Some(saga.fresh(run, input, at, meta)),
+            _ => None,
+        }
     }
 }
 
@@ -574,13 +552,39 @@ impl Saga {
         )
     }
 
+    /// A run that has not started a step yet.
+    fn fresh(&self, run_id: &str, input: &Value, at: &str, meta: &Value) -> RunState {
+        RunState {
+            run_id: run_id.to_owned(),
+            saga: self.name.clone(),
+            status: RunStatus::Running,
+            input: input.clone(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepState {
+                    name: s.name.clone(),
+                    state: StepStatus::Pending,
+                    attempts: 0,
+                    compensation_attempts: 0,
+                    output: None,
+                    error: None,
+                })
+                .collect(),
+            error: None,
+            started_at: at.to_owned(),
+            ended_at: None,
+            meta: meta.clone(),
+        }
+    }
+
     /// Runs the saga on `input` to its end, without a journal.
     pub async fn run(&self, bus: &Bus, input: Value, observer: Option<Observer>) -> RunState {
-        let start = self.start_transition(Saga::new_run_id(), input, Value::Null);
-        match self.execute(bus, &start, None, observer).await {
-            Ok(s) => s,
-            Err(_) => unreachable_state(self, &start),
-        }
+        let state = self.fresh(&Saga::new_run_id(), &input, &timestamp(), &Value::Null);
+        // Only a journal can fail, and there is none.
+        self.resume(bus, state.clone(), None, observer)
+            .await
+            .unwrap_or(state)
     }
 
     /// The transition that starts a run.
@@ -798,23 +802,6 @@ impl Saga {
     }
 }
 
-/// Without a journal, nothing can fail; this is the state if it ever did.
-fn unreachable_state(saga: &Saga, start: &Transition) -> RunState {
-    let mut s = RunState::from_start(start, saga).unwrap_or_else(|| RunState {
-        run_id: start.run().to_owned(),
-        saga: saga.name.clone(),
-        status: RunStatus::Failed,
-        input: Value::Null,
-        steps: Vec::new(),
-        error: None,
-        started_at: timestamp(),
-        ended_at: None,
-        meta: Value::Null,
-    });
-    s.status = RunStatus::Failed;
-    s
-}
-
 /// One attempt of an action.
 async fn perform(
     bus: &Bus,
@@ -963,16 +950,20 @@ impl FileJournal {
         }
         let mut open: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         let mut order: Vec<String> = Vec::new();
+        // Whether the file holds anything to drop (finished runs, a torn line).
+        let mut stale = false;
         if let Ok(f) = std::fs::File::open(&path) {
             for line in std::io::BufReader::new(f).lines() {
                 let Ok(line) = line else { break };
                 let Ok(t) = serde_json::from_str::<Transition>(&line) else {
                     tracing::warn!(path = %path.display(), "saga journal: a torn or unreadable line dropped");
+                    stale = true;
                     continue;
                 };
                 let run = t.run().to_owned();
                 if matches!(t, Transition::End { .. }) {
                     open.remove(&run);
+                    stale = true;
                     continue;
                 }
                 if !open.contains_key(&run) {
@@ -991,8 +982,12 @@ impl FileJournal {
                     .collect()
             })
             .collect();
-        // Start from a compacted file: only what is still open.
-        let file = write_compacted(&path, &open)?;
+        // Rewritten (a flash write) only when something is to be dropped.
+        let file = if stale || !path.exists() {
+            write_compacted(&path, &open)?
+        } else {
+            std::fs::OpenOptions::new().append(true).open(&path)?
+        };
         let bytes = file.metadata()?.len();
         let j = FileJournal {
             path,

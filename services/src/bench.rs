@@ -22,6 +22,17 @@ use crate::examples::echo;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+/// A child process SIGKILLed and reaped when dropped.
+#[derive(Debug)]
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::bench::Spawned;
 use crate::discovery::{self, DiscoveryConfig};
 use crate::health::{self, HealthConfig};
 
@@ -35,16 +36,6 @@ pub struct Detection {
     pub duplicates: u64,
     /// Updates and alerts expected and never seen.
     pub missing: u64,
-}
-
-/// A child process SIGKILLed and reaped when dropped.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// An update or alert: (instance, what), with when it arrived.
@@ -143,15 +134,17 @@ async fn trials_on(
         let b = format!("hostmetrics-{prefix}-{trial}");
         instances.push(("echo", a.clone()));
         instances.push(("hostmetrics", b.clone()));
-        let spawn = |service: &str, instance: &str| -> anyhow::Result<Kid> {
-            Ok(Kid(Command::new(exe)
-                .args(["service", service, "--instance", instance, "-c"])
-                .arg(cfg)
-                .env("EDGEBUS_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?))
+        let spawn = |service: &str, instance: &str| -> anyhow::Result<Spawned> {
+            Ok(Spawned(
+                Command::new(exe)
+                    .args(["service", service, "--instance", instance, "-c"])
+                    .arg(cfg)
+                    .env("EDGEBUS_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            ))
         };
         let mut ka = spawn("echo", &a)?;
         let kb = spawn("hostmetrics", &b)?;
@@ -249,11 +242,7 @@ async fn trials_on(
     out.duplicates += counts.values().sum::<u64>();
 
     // Leave no retained records behind on the broker.
-    let clear = PublishOptions {
-        qos: 1,
-        retain: true,
-        properties: None,
-    };
+    let clear = PublishOptions::retained();
     for (service, instance) in &instances {
         let topic = format!("{prefix}/system/discovery/{service}/{instance}");
         let _ = watch.publish(&topic, Vec::new(), clear.clone()).await;

@@ -178,11 +178,7 @@ pub async fn start(
                 .collect();
             for e in due {
                 r.entries.remove(&format!("{}/{}", e.service, e.instance));
-                let opts = PublishOptions {
-                    qos: 1,
-                    retain: true,
-                    properties: None,
-                };
+                let opts = PublishOptions::retained();
                 let _ = b.publish(&e.topic, Vec::new(), opts).await;
                 emit(&b, &up, "expired", &e, "offline past expire_after").await;
             }

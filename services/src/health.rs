@@ -157,13 +157,6 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
     Ok(Monitor { service })
 }
 
-/// QoS 1, retained: how status records and the summary are published.
-const RETAINED: PublishOptions = PublishOptions {
-    qos: 1,
-    retain: true,
-    properties: None,
-};
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -413,7 +406,7 @@ impl Ctx {
         }
         if forget_service {
             self.announce(transitions).await;
-            let opts = RETAINED;
+            let opts = PublishOptions::retained();
             let topic = format!("{}/health/status/{service}", self.prefix);
             let _ = self.bus.publish(&topic, Vec::new(), opts).await;
             lock(&self.state).service_status.remove(service);
@@ -524,7 +517,7 @@ impl Ctx {
             json!({"service": service, "status": best.as_str(), "since": since, "instances": instances})
         };
         let topic = format!("{}/health/status/{service}", self.prefix);
-        let opts = RETAINED;
+        let opts = PublishOptions::retained();
         let _ = self.bus.publish_json(&topic, &record, opts).await;
         if summary_changed {
             self.publish_summary().await;
@@ -552,7 +545,7 @@ impl Ctx {
             json!({"status": worst.as_str(), "services": services, "counts": counts, "at": timestamp()})
         };
         let topic = format!("{}/health/summary", self.prefix);
-        let opts = RETAINED;
+        let opts = PublishOptions::retained();
         let _ = self.bus.publish_json(&topic, &summary, opts).await;
     }
 }

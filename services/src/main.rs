@@ -3,12 +3,12 @@
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use edgebus_services::bench::{self, BenchOptions, Target};
+use edgebus_services::bench::{self, BenchOptions, Spawned, Target};
 use edgebus_services::config::TopicsFile;
 use edgebus_services::run;
 
@@ -443,16 +443,6 @@ fn wait_for_signal() -> anyhow::Result<()> {
         Ok::<_, std::io::Error>(())
     })?;
     Ok(())
-}
-
-/// A child process killed on drop.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {

@@ -20,7 +20,7 @@ use edgebus_runtime::config::ByteSize;
 use edgebus_runtime::contract::{check_name, ContractError, ServiceSpec};
 use edgebus_runtime::saga::{
     template_paths, FileJournal, Journal, Observer, RetryPolicy, RunState, RunStatus, Saga, Step,
-    Transition,
+    StepStatus, Transition,
 };
 use edgebus_runtime::service::{reply_error, ReplyAddress, Service, ServiceBuilder, StartError};
 use edgebus_runtime::wire::{code, ErrorBody, RequestMeta};
@@ -476,11 +476,7 @@ impl Ctx {
             let mut public = s.clone();
             public.meta = Value::Null;
             if let Ok(body) = serde_json::to_vec(&public) {
-                let opts = PublishOptions {
-                    qos: 1,
-                    retain: true,
-                    properties: None,
-                };
+                let opts = PublishOptions::retained();
                 if let Err(e) = bus.try_publish(&t, body, opts) {
                     tracing::debug!(topic = %t, error = %e, "run record not published");
                 }
@@ -506,10 +502,7 @@ impl Ctx {
         let error = match end.status {
             RunStatus::Completed => None,
             status => {
-                let failed = end
-                    .steps
-                    .iter()
-                    .find(|s| s.state == edgebus_runtime::saga::StepStatus::Failed);
+                let failed = end.steps.iter().find(|s| s.state == StepStatus::Failed);
                 let cause = end
                     .error
                     .clone()
@@ -517,7 +510,7 @@ impl Ctx {
                 let undone: Vec<&str> = end
                     .steps
                     .iter()
-                    .filter(|s| s.state == edgebus_runtime::saga::StepStatus::Compensated)
+                    .filter(|s| s.state == StepStatus::Compensated)
                     .map(|s| s.name.as_str())
                     .collect();
                 let mut message = format!(
@@ -551,11 +544,7 @@ impl Ctx {
         let bus = self.bus.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let opts = PublishOptions {
-                qos: 1,
-                retain: true,
-                properties: None,
-            };
+            let opts = PublishOptions::retained();
             let _ = bus.publish(&topic, Vec::new(), opts).await;
         });
     }
