@@ -235,10 +235,16 @@ pub struct BusStats {
     pub dropped_incoming: u64,
     /// Subscriptions the broker refused.
     pub subscribe_refused: u64,
+    /// Requests sent again by a retry policy.
+    pub request_retries: u64,
+    /// Requests failed at once because their target's circuit was open.
+    pub circuit_rejected: u64,
+    /// Requests that failed after their retries and were dead-lettered.
+    pub dead_letters: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     connects: AtomicU64,
     published: AtomicU64,
     publish_failed: AtomicU64,
@@ -247,6 +253,9 @@ struct Counters {
     received: AtomicU64,
     dropped_incoming: AtomicU64,
     subscribe_refused: AtomicU64,
+    pub(crate) request_retries: AtomicU64,
+    pub(crate) circuit_rejected: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
 }
 
 /// Called with a message a full subscription buffer could not take.
@@ -284,6 +293,8 @@ struct Inner {
     next_request: AtomicU64,
     request_nonce: u64,
     unmatched_replies: AtomicU64,
+    /// Retry and circuit policies of request targets, by request topic.
+    policies: RwLock<HashMap<String, Arc<TargetPolicy>>>,
     closing: AtomicBool,
     shutdown: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -448,6 +459,7 @@ impl Bus {
             next_request: AtomicU64::new(1),
             request_nonce: random_u64(),
             unmatched_replies: AtomicU64::new(0),
+            policies: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             task: Mutex::new(None),
@@ -522,7 +534,68 @@ impl Bus {
             received: c.received.load(Ordering::Relaxed),
             dropped_incoming: c.dropped_incoming.load(Ordering::Relaxed),
             subscribe_refused: c.subscribe_refused.load(Ordering::Relaxed),
+            request_retries: c.request_retries.load(Ordering::Relaxed),
+            circuit_rejected: c.circuit_rejected.load(Ordering::Relaxed),
+            dead_letters: c.dead_letters.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Sets how requests to `target` (`service/endpoint` or a request topic) are retried and
+    /// whether a circuit breaker guards them; replaces an earlier policy and its breaker state.
+    pub fn set_policy(
+        &self,
+        target: &str,
+        retry: Option<crate::policy::RetryPolicy>,
+        circuit: Option<crate::policy::CircuitConfig>,
+    ) {
+        let topic = self.request_topic(target);
+        let name = topic
+            .strip_prefix(&format!("{}/", self.prefix()))
+            .unwrap_or(&topic)
+            .trim_end_matches("/request")
+            .to_owned();
+        let policy = TargetPolicy {
+            name,
+            retry,
+            circuit: circuit.map(crate::policy::CircuitBreaker::new),
+        };
+        write(&self.inner.policies).insert(topic, Arc::new(policy));
+    }
+
+    /// Sets the retry and circuit policies every endpoint of `services` declares (endpoints
+    /// that declare neither keep what they had).
+    pub fn apply_contract(&self, services: &[crate::contract::ServiceSpec]) {
+        for s in services {
+            for e in &s.endpoints {
+                if e.retry.is_some() || e.circuit.is_some() {
+                    let topic = format!("{}/request", e.base_topic(self.prefix(), &s.name));
+                    let known = read(&self.inner.policies).get(&topic).is_some_and(|p| {
+                        p.retry == e.retry
+                            && p.circuit.as_ref().map(|c| c.config()) == e.circuit.as_ref()
+                    });
+                    if !known {
+                        self.set_policy(&topic, e.retry.clone(), e.circuit.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The policy for requests on `topic`, if one was set.
+    pub fn policy(&self, topic: &str) -> Option<Arc<TargetPolicy>> {
+        read(&self.inner.policies).get(topic).cloned()
+    }
+
+    /// The state of every circuit breaker, by `service/endpoint`.
+    pub fn circuits(&self) -> std::collections::BTreeMap<String, crate::policy::CircuitSnapshot> {
+        read(&self.inner.policies)
+            .values()
+            .filter_map(|p| Some((p.name.clone(), p.circuit.as_ref()?.snapshot())))
+            .collect()
     }
 
     /// Replies that matched no waiting request (late, after a timeout, or duplicated).
@@ -822,10 +895,30 @@ pub(crate) struct ReplyGuard {
     pub(crate) id: String,
 }
 
+impl ReplyGuard {
+    /// Waits for another reply with the same correlation (after one was taken).
+    pub(crate) fn rearm(&self) -> oneshot::Receiver<Message> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.bus.inner.pending).insert(self.id.clone(), tx);
+        rx
+    }
+}
+
 impl Drop for ReplyGuard {
     fn drop(&mut self) {
         lock(&self.bus.inner.pending).remove(&self.id);
     }
+}
+
+/// How requests to one target are retried and guarded; see [`Bus::set_policy`].
+#[derive(Debug)]
+pub struct TargetPolicy {
+    /// `service/endpoint`, for logs and stats.
+    pub name: String,
+    /// Retries; `None`: one attempt.
+    pub retry: Option<crate::policy::RetryPolicy>,
+    /// The circuit breaker, if any.
+    pub circuit: Option<crate::policy::CircuitBreaker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

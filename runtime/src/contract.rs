@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::duration;
+use crate::policy::{CircuitConfig, Rate, RetryPolicy};
 use crate::topic::check_topic;
 
 /// Service names that are topic subtrees of the bus itself.
@@ -78,6 +79,24 @@ pub struct EndpointSpec {
     /// One line for humans.
     #[serde(default)]
     pub description: String,
+    /// How callers retry a failed request (callers that load this contract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Callers' circuit breaker for this endpoint: past `failure_threshold` consecutive
+    /// failures, requests fail at once with `CIRCUIT_OPEN` until `reset_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<CircuitConfig>,
+    /// Requests each instance admits (`"200/s"`); the excess is answered `RATE_LIMITED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Rate>,
+    /// Recent requests each instance remembers by correlation (0: none). A duplicate, such
+    /// as a QoS 1 redelivery or a caller's retry, runs the handler once and gets the same
+    /// reply again.
+    #[serde(default = "default_dedupe_size")]
+    pub dedupe_size: usize,
+    /// How long a request is remembered for duplicates.
+    #[serde(default = "default_dedupe_for", with = "duration")]
+    pub dedupe_for: Duration,
 }
 
 /// An event stream.
@@ -109,6 +128,12 @@ fn default_timeout() -> Duration {
 fn default_concurrency() -> usize {
     16
 }
+fn default_dedupe_size() -> usize {
+    1024
+}
+fn default_dedupe_for() -> Duration {
+    Duration::from_secs(300)
+}
 
 impl EndpointSpec {
     /// An endpoint with every setting at its default.
@@ -121,6 +146,11 @@ impl EndpointSpec {
             max_concurrency: default_concurrency(),
             schema: None,
             description: String::new(),
+            retry: None,
+            circuit: None,
+            rate_limit: None,
+            dedupe_size: default_dedupe_size(),
+            dedupe_for: default_dedupe_for(),
         }
     }
 
@@ -250,6 +280,14 @@ pub fn validate(services: &[ServiceSpec], prefix: &str) -> Result<(), ContractEr
                     format!("{at}.max_concurrency"),
                     "max_concurrency must be at least 1".into(),
                 ));
+            }
+            if let Some(r) = &e.retry {
+                r.validate()
+                    .map_err(|(key, m)| err(format!("{at}.retry.{key}"), m))?;
+            }
+            if let Some(c) = &e.circuit {
+                c.validate()
+                    .map_err(|(key, m)| err(format!("{at}.circuit.{key}"), m))?;
             }
             let base = e.base_topic(prefix, &s.name);
             if let Some(other) = seen_topics.insert(base.clone(), at.clone()) {

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: the `[bus]` part of topics.toml, and the duration and size types it uses.
 //! - [`contract`]: the `[[service]]` part of topics.toml: endpoints, events, schemas.
+//! - [`policy`]: retry policies, circuit breakers and rate limits.
 //! - [`topic`]: validated topic names and filters, and the topic grammar the broker shares.
 //! - [`wire`]: error codes, the reply body, request metadata.
 //!
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod contract;
+pub mod policy;
 pub mod topic;
 pub mod wire;
 

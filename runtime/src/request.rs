@@ -8,7 +8,10 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::bus::{Bus, BusError, PublishOptions};
+use std::sync::atomic::Ordering;
+
+use crate::bus::{Bus, BusError, PublishOptions, TargetPolicy};
+use crate::policy::{counts_as_failure, Admission, CircuitState, RetryPolicy, Transition};
 use crate::wire::{code, now_ms, ErrorBody, ReplyBody};
 
 /// How a request is sent.
@@ -20,6 +23,9 @@ pub struct RequestOptions {
     pub qos: u8,
     /// Extra MQTT 5 user properties.
     pub user_properties: Vec<(String, String)>,
+    /// Whether the target's retry and circuit policy applies ([`Bus::set_policy`]); callers
+    /// with their own retries (saga steps) turn it off.
+    pub policy: bool,
 }
 
 impl Default for RequestOptions {
@@ -28,6 +34,7 @@ impl Default for RequestOptions {
             timeout: Duration::from_secs(5),
             qos: 1,
             user_properties: Vec::new(),
+            policy: true,
         }
     }
 }
@@ -57,6 +64,14 @@ pub enum RequestError {
     /// The reply could not be read.
     #[error("unreadable reply: {0}")]
     BadReply(String),
+    /// The target's circuit breaker is open: the request was not sent.
+    #[error("circuit open for `{target}`; next trial in {retry_after:?}")]
+    CircuitOpen {
+        /// `service/endpoint`.
+        target: String,
+        /// When the circuit lets a trial request through.
+        retry_after: Duration,
+    },
     /// This bus was made without a reply topic.
     #[error("this bus has no reply topic (set BusOptions::reply_topic)")]
     NoReplyTopic,
@@ -68,6 +83,7 @@ impl RequestError {
         match self {
             RequestError::Remote(e) => &e.code,
             RequestError::Timeout(_) => code::TIMEOUT,
+            RequestError::CircuitOpen { .. } => code::CIRCUIT_OPEN,
             RequestError::Bus(BusError::TooLarge { .. }) => code::PAYLOAD_TOO_LARGE,
             RequestError::Bus(BusError::InvalidTopic(..)) => code::BAD_REQUEST,
             RequestError::Bus(_) => code::SERVICE_UNAVAILABLE,
@@ -147,49 +163,181 @@ impl Bus {
 
     /// Sends a request and returns whatever reply comes, error replies included; `Err` only
     /// when no reply could be had.
+    ///
+    /// When the target has a policy ([`Bus::set_policy`], or `retry` and `circuit` in
+    /// topics.toml) and `options.policy` is on: an open circuit fails the request at once; a
+    /// retryable error or an attempt's timeout sends the request again, with the same
+    /// correlation data, until the attempts or `options.timeout` run out; a request that still
+    /// fails goes to the caller's dead letters.
     pub async fn request_reply(
         &self,
         topic: &str,
         payload: Bytes,
         options: &RequestOptions,
     ) -> Result<ReplyBody, RequestError> {
-        let (guard, rx) = self.expect_reply().ok_or(RequestError::NoReplyTopic)?;
+        let policy = if options.policy {
+            self.policy(topic)
+        } else {
+            None
+        };
+        let Some(policy) = policy else {
+            return self.attempts(topic, &payload, options, None).await;
+        };
+        let result = self.attempts(topic, &payload, options, Some(&policy)).await;
+        let failure = match &result {
+            Ok(r) if !r.success => r.error.clone(),
+            Ok(_) | Err(RequestError::CircuitOpen { .. }) => None,
+            Err(e) => Some(e.to_body()),
+        };
+        if let (Some(error), Some(retry)) = (failure, &policy.retry) {
+            if retry.max_attempts > 1 {
+                self.dead_letter_request(topic, &payload, &error).await;
+            }
+        }
+        result
+    }
+
+    async fn attempts(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        options: &RequestOptions,
+        policy: Option<&TargetPolicy>,
+    ) -> Result<ReplyBody, RequestError> {
+        let (guard, mut rx) = self.expect_reply().ok_or(RequestError::NoReplyTopic)?;
         let started = Instant::now();
+        let deadline = started + options.timeout;
+        let deadline_ms = now_ms() + options.timeout.as_millis() as u64;
+        let single = RetryPolicy::default();
+        let retry = policy.and_then(|p| p.retry.as_ref()).unwrap_or(&single);
+        let per_attempt = retry.attempt_timeout(options.timeout);
+        let circuit = policy.and_then(|p| p.circuit.as_ref());
+        let name = policy.map_or(topic, |p| p.name.as_str());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if let Some(b) = circuit {
+                match b.admit() {
+                    Admission::Rejected(retry_after) => {
+                        self.counters()
+                            .circuit_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(RequestError::CircuitOpen {
+                            target: name.to_owned(),
+                            retry_after,
+                        });
+                    }
+                    Admission::Allowed(t) => log_transition(name, t),
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RequestError::Timeout(options.timeout));
+            }
+            let wait = per_attempt.min(left);
+            let outcome = match self
+                .send_attempt(topic, payload, options, &guard.id, deadline_ms, left)
+                .await
+            {
+                Err(e) => Err(e),
+                Ok(()) => match tokio::time::timeout(wait, &mut rx).await {
+                    Ok(Ok(msg)) => serde_json::from_slice::<ReplyBody>(&msg.payload)
+                        .map_err(|e| RequestError::BadReply(format!("{e}"))),
+                    Ok(Err(_)) => Err(RequestError::Bus(BusError::Closed)),
+                    Err(_) => Err(RequestError::Timeout(options.timeout)),
+                },
+            };
+            let code = match &outcome {
+                Ok(r) if r.success => None,
+                Ok(r) => Some(r.error.as_ref().map_or(code::INTERNAL_ERROR, |e| &e.code)),
+                Err(e) => Some(e.code()),
+            };
+            if let Some(b) = circuit {
+                log_transition(name, b.record(!code.is_some_and(counts_as_failure)));
+            }
+            let again = code.is_some_and(|c| retry.retries_code(c))
+                && attempt < retry.max_attempts
+                && !matches!(outcome, Err(RequestError::Bus(BusError::Closed)));
+            if !again {
+                return outcome;
+            }
+            let delay = retry.delay(attempt);
+            if Instant::now() + delay >= deadline {
+                return outcome;
+            }
+            tracing::debug!(target = name, attempt, code = ?code, delay_ms = delay.as_millis() as u64, "retrying request");
+            self.counters()
+                .request_retries
+                .fetch_add(1, Ordering::Relaxed);
+            if outcome.is_ok() {
+                // The error reply used the waiting slot; the next attempt needs a new one.
+                rx = guard.rearm();
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn send_attempt(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        options: &RequestOptions,
+        correlation: &str,
+        deadline_ms: u64,
+        left: Duration,
+    ) -> Result<(), RequestError> {
         let mut user_properties = options.user_properties.clone();
-        user_properties.push((
-            "deadline_ms".into(),
-            (now_ms() + options.timeout.as_millis() as u64).to_string(),
-        ));
+        user_properties.push(("deadline_ms".into(), deadline_ms.to_string()));
         let properties = PublishProperties {
             payload_format_indicator: Some(1),
             // Whole seconds, rounded up: the broker drops the request once it is stale.
-            message_expiry_interval: Some(options.timeout.as_secs_f64().ceil().max(1.0) as u32),
+            message_expiry_interval: Some(left.as_secs_f64().ceil().max(1.0) as u32),
             response_topic: self.options().reply_topic.clone(),
-            correlation_data: Some(Bytes::from(guard.id.clone())),
+            correlation_data: Some(Bytes::from(correlation.to_owned())),
             user_properties,
             content_type: Some("application/json".into()),
             ..Default::default()
         };
         let send = self.publish(
             topic,
-            payload,
+            payload.clone(),
             PublishOptions {
                 qos: options.qos,
                 retain: false,
                 properties: Some(properties),
             },
         );
-        match tokio::time::timeout(options.timeout, send).await {
-            Ok(r) => r?,
-            Err(_) => return Err(RequestError::Timeout(options.timeout)),
+        match tokio::time::timeout(left, send).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RequestError::Timeout(options.timeout)),
         }
-        let left = options.timeout.saturating_sub(started.elapsed());
-        let msg = match tokio::time::timeout(left, rx).await {
-            Ok(Ok(msg)) => msg,
-            Ok(Err(_)) => return Err(RequestError::Bus(BusError::Closed)),
-            Err(_) => return Err(RequestError::Timeout(options.timeout)),
+    }
+
+    /// Publishes a request that failed after its retries to this client's dead letters.
+    async fn dead_letter_request(&self, topic: &str, payload: &[u8], error: &ErrorBody) {
+        let (service, instance) = match &self.options().presence {
+            Some(p) => (p.service.as_str(), p.instance.as_str()),
+            None => (self.client_id(), self.client_id()),
         };
-        drop(guard);
-        serde_json::from_slice(&msg.payload).map_err(|e| RequestError::BadReply(format!("{e}")))
+        let letter = crate::service::dead_letter_body(service, instance, topic, payload, error);
+        tracing::warn!(topic, code = %error.code, error = %error.message, "request failed after its retries; dead letter published");
+        self.counters().dead_letters.fetch_add(1, Ordering::Relaxed);
+        let to = format!("{}/system/deadletter/{service}", self.prefix());
+        let _ = self
+            .publish_json(&to, &letter, PublishOptions::qos(1))
+            .await;
+    }
+}
+
+fn log_transition(target: &str, t: Option<Transition>) {
+    if let Some(t) = t {
+        match t.to {
+            CircuitState::Open => {
+                tracing::warn!(target, from = %t.from, to = %t.to, "circuit breaker opened")
+            }
+            _ => {
+                tracing::info!(target, from = %t.from, to = %t.to, "circuit breaker state changed")
+            }
+        }
     }
 }

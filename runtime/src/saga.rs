@@ -39,71 +39,7 @@ use crate::bus::{random_u64, Bus};
 use crate::request::RequestOptions;
 use crate::wire::{code, timestamp, ErrorBody};
 
-/// When and how often a failed call is tried again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryPolicy {
-    /// Attempts in all (1: no retry).
-    pub max_attempts: u32,
-    /// Delay before the second attempt.
-    #[serde(with = "crate::config::duration")]
-    pub initial_delay: Duration,
-    /// Largest delay between attempts.
-    #[serde(with = "crate::config::duration")]
-    pub max_delay: Duration,
-    /// Growth of the delay per attempt.
-    pub multiplier: f64,
-    /// Random spread of each delay, as a fraction (0.25: ±25 %).
-    pub jitter: f64,
-    /// Error codes worth another attempt; empty: the codes the contract calls retryable
-    /// (`TIMEOUT`, `NO_RESPONDERS`, `SERVICE_UNAVAILABLE`, `CIRCUIT_OPEN`, `RATE_LIMITED`).
-    pub retry_on: Vec<String>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 1,
-            initial_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(2),
-            multiplier: 2.0,
-            jitter: 0.25,
-            retry_on: Vec::new(),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// `retries` retries (so `retries + 1` attempts), the rest default.
-    pub fn retries(retries: u32) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: retries.saturating_add(1),
-            ..RetryPolicy::default()
-        }
-    }
-
-    /// Whether an error with this code is worth another attempt.
-    pub fn retries_code(&self, error_code: &str) -> bool {
-        if self.retry_on.is_empty() {
-            code::retryable(error_code)
-        } else {
-            self.retry_on.iter().any(|c| c == error_code)
-        }
-    }
-
-    /// The delay before attempt `attempt + 1` (after `attempt` failed), with jitter.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self.initial_delay.as_secs_f64()
-            * self
-                .multiplier
-                .max(1.0)
-                .powi(attempt.saturating_sub(1) as i32);
-        let base = base.min(self.max_delay.as_secs_f64());
-        let spread = self.jitter.clamp(0.0, 1.0);
-        let r = (random_u64() % 10_000) as f64 / 10_000.0; // [0, 1)
-        Duration::from_secs_f64((base * (1.0 + spread * (2.0 * r - 1.0))).max(0.0))
-    }
-}
+pub use crate::policy::RetryPolicy;
 
 /// A local step: the rendered input and the run's context in, the step's output out.
 pub type LocalFn = Arc<
@@ -819,6 +755,8 @@ async fn perform(
                 timeout,
                 qos: 1,
                 user_properties: vec![("idempotency_key".into(), key.to_owned())],
+                // The step's own retry policy applies, not the endpoint's.
+                policy: false,
             };
             match bus.request_raw(topic, Bytes::from(payload), &opts).await {
                 Ok(reply) => Ok(reply.data.unwrap_or(Value::Null)),

@@ -15,11 +15,11 @@
 //! # let _ = service; Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
 use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
+use crate::policy::TokenBucket;
 use crate::presence::{birth_record, Check, Checks, Presence};
 use crate::stats::{EndpointSnapshot, EndpointStats};
 use crate::topic::check_topic;
@@ -119,6 +120,8 @@ pub enum EventError {
 pub struct ServiceBuilder {
     spec: ServiceSpec,
     declared: Option<ServiceSpec>,
+    /// The whole contract, for the retry and circuit policies of the endpoints it calls.
+    contract: Vec<ServiceSpec>,
     version: String,
     handlers: BTreeMap<String, Arc<dyn Handler>>,
     max_request: usize,
@@ -156,6 +159,7 @@ impl ServiceBuilder {
                 ..Default::default()
             },
             declared: None,
+            contract: Vec::new(),
             version: env!("CARGO_PKG_VERSION").into(),
             handlers: BTreeMap::new(),
             max_request: 256 * 1024,
@@ -214,8 +218,12 @@ impl ServiceBuilder {
     /// Binds the service to the `[[service]]` entries of topics.toml. When one declares this
     /// service, it is the contract: every endpoint and event the code registers must be
     /// declared there, and its settings (QoS, timeout, concurrency, schema) win.
+    ///
+    /// The other services' endpoints give this instance's requests to them their `retry`
+    /// and `circuit` policies ([`Bus::apply_contract`]).
     pub fn contract(mut self, services: &[ServiceSpec]) -> Self {
         self.declared = services.iter().find(|s| s.name == self.spec.name).cloned();
+        self.contract = services.to_vec();
         self
     }
 
@@ -338,6 +346,7 @@ impl ServiceBuilder {
                 message: e.to_string(),
             }
         })?;
+        bus.apply_contract(&self.contract);
         let stopping = CancellationToken::new();
         let presence = bus.options().presence.clone().and_then(|identity| {
             if identity.service != spec.name {
@@ -389,6 +398,9 @@ impl ServiceBuilder {
                 stats: inner.stats[&e.name].clone(),
                 max_request: self.max_request,
                 limit: Arc::new(Semaphore::new(e.max_concurrency)),
+                rate: e.rate_limit.map(|r| Mutex::new(TokenBucket::new(r))),
+                dedupe: (e.dedupe_size > 0)
+                    .then(|| Mutex::new(Dedupe::new(e.dedupe_size, e.dedupe_for))),
             });
             let overflow_ctx = ctx.clone();
             let overflow = Box::new(move |msg: Message| {
@@ -508,16 +520,7 @@ impl Service {
 
     /// All endpoints' figures summed (latencies: the worst endpoint's).
     pub fn total_stats(&self) -> EndpointSnapshot {
-        let mut t = EndpointSnapshot::default();
-        for s in self.stats().values() {
-            t.requests += s.requests;
-            t.errors += s.errors;
-            t.inflight += s.inflight;
-            t.rejected += s.rejected;
-            t.p50_ms = t.p50_ms.max(s.p50_ms);
-            t.p99_ms = t.p99_ms.max(s.p99_ms);
-        }
-        t
+        EndpointSnapshot::total(self.stats().into_values())
     }
 
     pub(crate) fn event_spec(&self, name: &str) -> Result<&EventSpec, EventError> {
@@ -621,16 +624,8 @@ async fn start_presence(
             }
             let (status, results) = checks.run(every / 2).await;
             seq += 1;
-            let mut total = EndpointSnapshot::default();
-            for s in inner.stats.values().map(|s| s.snapshot()) {
-                total.requests += s.requests;
-                total.errors += s.errors;
-                total.inflight += s.inflight;
-                total.rejected += s.rejected;
-                total.p50_ms = total.p50_ms.max(s.p50_ms);
-                total.p99_ms = total.p99_ms.max(s.p99_ms);
-            }
-            let beat = serde_json::json!({
+            let total = EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot()));
+            let mut beat = serde_json::json!({
                 "service": presence.identity.service,
                 "instance": presence.identity.instance,
                 "incarnation": presence.identity.incarnation,
@@ -641,6 +636,14 @@ async fn start_presence(
                 "checks": results,
                 "stats": total,
             });
+            let circuits = bus.circuits();
+            if !circuits.is_empty() {
+                beat["circuits"] = circuits
+                    .iter()
+                    .map(|(k, c)| (k.clone(), Value::from(c.state.as_str())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
             drop(inner);
             let _ = bus
                 .publish_json(&hb_topic, &beat, PublishOptions::qos(0))
@@ -668,6 +671,107 @@ struct EndpointCtx {
     stats: Arc<EndpointStats>,
     max_request: usize,
     limit: Arc<Semaphore>,
+    rate: Option<Mutex<TokenBucket>>,
+    dedupe: Option<Mutex<Dedupe>>,
+}
+
+/// A reply ready to publish: topic, payload, options.
+type Encoded = Arc<(String, Bytes, PublishOptions)>;
+
+enum Slot {
+    /// The handler runs; the sender is dropped when it finishes.
+    Running(tokio::sync::watch::Receiver<()>),
+    /// Its reply, to send again to a duplicate.
+    Done(Encoded),
+}
+
+/// Recent requests of one endpoint by correlation, bounded in count, age and bytes.
+struct Dedupe {
+    size: usize,
+    ttl: Duration,
+    bytes: usize,
+    hasher: std::collections::hash_map::RandomState,
+    slots: HashMap<u64, Slot>,
+    order: VecDeque<(u64, Instant)>,
+}
+
+/// Bytes of cached replies one endpoint keeps at most.
+const DEDUPE_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+enum Claim {
+    /// A new request: run it.
+    New(u64, tokio::sync::watch::Sender<()>),
+    /// Already answered: send this again.
+    Answered(Encoded),
+    /// Running now: wait for it.
+    Wait(tokio::sync::watch::Receiver<()>),
+}
+
+impl Dedupe {
+    fn new(size: usize, ttl: Duration) -> Dedupe {
+        Dedupe {
+            size,
+            ttl,
+            bytes: 0,
+            hasher: Default::default(),
+            slots: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn key(&self, parts: &[&[u8]]) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.hasher.build_hasher();
+        for p in parts {
+            h.write_usize(p.len());
+            h.write(p);
+        }
+        h.finish()
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some(&(key, at)) = self.order.front() {
+            let old = now.saturating_duration_since(at) > self.ttl;
+            if !(old || self.order.len() > self.size || self.bytes > DEDUPE_MAX_BYTES) {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(Slot::Done(e)) = self.slots.remove(&key) {
+                self.bytes -= e.1.len();
+            }
+        }
+    }
+
+    fn claim(&mut self, key: u64) -> Claim {
+        let now = Instant::now();
+        self.evict(now);
+        match self.slots.get(&key) {
+            Some(Slot::Done(e)) => Claim::Answered(e.clone()),
+            // A handler whose task ended without finishing (aborted at stop) leaves a closed
+            // channel: the request is new again.
+            Some(Slot::Running(rx)) if rx.has_changed().is_ok() => Claim::Wait(rx.clone()),
+            _ => {
+                let (tx, rx) = tokio::sync::watch::channel(());
+                self.slots.insert(key, Slot::Running(rx));
+                self.order.push_back((key, now));
+                Claim::New(key, tx)
+            }
+        }
+    }
+
+    /// The request ran: keep its reply, or forget it so a retry runs it again.
+    fn finish(&mut self, key: u64, reply: Option<Encoded>) {
+        match reply {
+            Some(e) => {
+                self.bytes += e.1.len();
+                self.slots.insert(key, Slot::Done(e));
+            }
+            None => {
+                self.slots.remove(&key);
+                self.order.retain(|(k, _)| *k != key);
+            }
+        }
+    }
 }
 
 /// Where and how a reply goes.
@@ -737,12 +841,57 @@ impl EndpointCtx {
 
     async fn handle(&self, msg: Message) {
         let started = msg.received;
-        self.stats.start();
         let mut reply = self.prepare(&msg);
-        let result = self.run(&msg, &mut reply).await;
+        let mut claimed = None;
+        if let Some(dedupe) = &self.dedupe {
+            if let Some(correlation) = dedupe_correlation(&msg) {
+                let reply_topic = msg.response_topic().unwrap_or("").as_bytes();
+                loop {
+                    let claim = {
+                        let mut d = lock(dedupe);
+                        let key = d.key(&[reply_topic, &correlation, &msg.payload]);
+                        d.claim(key)
+                    };
+                    match claim {
+                        Claim::New(key, done) => {
+                            claimed = Some((key, done));
+                            break;
+                        }
+                        Claim::Answered(encoded) => {
+                            self.stats.duplicate();
+                            tracing::debug!(endpoint = %self.spec.name, "duplicate request; reply sent again");
+                            self.publish_reply(&encoded).await;
+                            return;
+                        }
+                        // Returns when the first copy's handler is done (its sender dropped).
+                        Claim::Wait(mut running) => while running.changed().await.is_ok() {},
+                    }
+                }
+            }
+        }
+        self.stats.start();
+        let limited = self.rate.as_ref().is_some_and(|r| !lock(r).try_take(1.0));
+        let result = if limited {
+            self.stats.rate_limited();
+            Err(ErrorBody::new(
+                code::RATE_LIMITED,
+                format!(
+                    "endpoint `{}` admits {} requests per second per instance; retry later",
+                    self.spec.name,
+                    self.spec.rate_limit.map_or(0.0, |r| r.per_second)
+                ),
+            ))
+        } else {
+            self.run(&msg, &mut reply).await
+        };
         let ok = result.is_ok();
+        let cacheable = result.as_ref().map_or_else(|e| !e.retryable, |_| true);
         let letter = match &result {
-            Err(e) if e.code == code::BAD_REQUEST || e.code == code::PAYLOAD_TOO_LARGE => {
+            Err(e)
+                if e.code == code::BAD_REQUEST
+                    || e.code == code::PAYLOAD_TOO_LARGE
+                    || e.code == code::INTERNAL_ERROR =>
+            {
                 Some(e.clone())
             }
             _ => None,
@@ -750,8 +899,13 @@ impl EndpointCtx {
         if let Err(e) = &result {
             tracing::debug!(endpoint = %self.spec.name, code = %e.code, error = %e.message, "request failed");
         }
+        let encoded = Arc::new(self.encode(&reply, result));
+        if let (Some((key, done)), Some(dedupe)) = (claimed, &self.dedupe) {
+            lock(dedupe).finish(key, cacheable.then(|| encoded.clone()));
+            drop(done);
+        }
         // The caller waits for the reply; the dead letter is for operators, so it goes second.
-        self.reply(&reply, result).await;
+        self.publish_reply(&encoded).await;
         if let Some(e) = letter {
             self.dead_letter(&msg, &e).await;
         }
@@ -870,7 +1024,7 @@ impl EndpointCtx {
         &self,
         reply: &ReplyTo,
         result: Result<Value, ServiceError>,
-    ) -> (String, Vec<u8>, PublishOptions) {
+    ) -> (String, Bytes, PublishOptions) {
         let (success, data, error) = match result {
             Ok(v) => (true, Some(v), None),
             Err(e) => (false, None, Some(e)),
@@ -923,12 +1077,17 @@ impl EndpointCtx {
             retain: false,
             properties: Some(properties),
         };
-        (topic, payload, opts)
+        (topic, Bytes::from(payload), opts)
     }
 
-    async fn reply(&self, reply: &ReplyTo, result: Result<Value, ServiceError>) {
-        let (topic, payload, opts) = self.encode(reply, result);
-        if let Err(e) = self.service.bus.publish(&topic, payload, opts).await {
+    async fn publish_reply(&self, encoded: &Encoded) {
+        let (topic, payload, opts) = &**encoded;
+        if let Err(e) = self
+            .service
+            .bus
+            .publish(topic, payload.clone(), opts.clone())
+            .await
+        {
             tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
         }
     }
@@ -954,6 +1113,27 @@ impl EndpointCtx {
             .publish_json(&self.service.deadletter, &letter, PublishOptions::qos(1))
             .await;
     }
+}
+
+/// What tells copies of one request apart: the MQTT 5 correlation data, or else the
+/// `correlation_id` (or `session_id`) of a JSON object payload. `None`: no correlation, so no
+/// duplicate detection.
+fn dedupe_correlation(msg: &Message) -> Option<Bytes> {
+    if let Some(c) = msg.correlation_data() {
+        return Some(c.clone());
+    }
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        correlation_id: Option<Value>,
+        session_id: Option<Value>,
+    }
+    let ids: Ids = serde_json::from_slice(&msg.payload).ok()?;
+    let id = ids.correlation_id.or(ids.session_id)?;
+    Some(Bytes::from(id.to_string()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The body of a dead letter: the original topic and payload (base64 when not UTF-8, and cut

@@ -14,6 +14,8 @@ pub struct EndpointStats {
     errors: AtomicU64,
     inflight: AtomicI64,
     rejected: AtomicU64,
+    duplicates: AtomicU64,
+    rate_limited: AtomicU64,
     latency: Mutex<Histogram<u64>>,
 }
 
@@ -28,10 +30,32 @@ pub struct EndpointSnapshot {
     pub inflight: u64,
     /// Requests refused because the endpoint was saturated.
     pub rejected: u64,
+    /// Duplicate requests answered with the first copy's reply, without running again.
+    pub duplicates: u64,
+    /// Requests answered `RATE_LIMITED`.
+    pub rate_limited: u64,
     /// Median handling time, milliseconds.
     pub p50_ms: f64,
     /// 99th percentile handling time, milliseconds.
     pub p99_ms: f64,
+}
+
+impl EndpointSnapshot {
+    /// The sum of several endpoints' figures; the percentiles are the worst endpoint's.
+    pub fn total(all: impl IntoIterator<Item = EndpointSnapshot>) -> EndpointSnapshot {
+        let mut t = EndpointSnapshot::default();
+        for s in all {
+            t.requests += s.requests;
+            t.errors += s.errors;
+            t.inflight += s.inflight;
+            t.rejected += s.rejected;
+            t.duplicates += s.duplicates;
+            t.rate_limited += s.rate_limited;
+            t.p50_ms = t.p50_ms.max(s.p50_ms);
+            t.p99_ms = t.p99_ms.max(s.p99_ms);
+        }
+        t
+    }
 }
 
 impl Default for EndpointStats {
@@ -41,6 +65,8 @@ impl Default for EndpointStats {
             errors: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
             rejected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             // 1 µs to 10 min at 2 significant digits: a few kilobytes.
             latency: Mutex::new(
                 Histogram::new_with_bounds(1, 600_000_000, 2).unwrap_or_else(|_| {
@@ -77,6 +103,16 @@ impl EndpointStats {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A duplicate was answered from the first copy's reply.
+    pub fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request was refused by the endpoint's rate limit (it still finishes as an error).
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current figures.
     pub fn snapshot(&self) -> EndpointSnapshot {
         let (p50, p99) = match self.latency.lock() {
@@ -91,6 +127,8 @@ impl EndpointStats {
             errors: self.errors.load(Ordering::Relaxed),
             inflight: self.inflight.load(Ordering::Relaxed).max(0) as u64,
             rejected: self.rejected.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
             p50_ms: p50,
             p99_ms: p99,
         }

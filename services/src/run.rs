@@ -124,6 +124,8 @@ pub async fn call(
         bus.close(Duration::ZERO).await;
         return Err(anyhow!("the broker at {broker} did not answer"));
     }
+    // The contract's retry and circuit policies apply to the call.
+    bus.apply_contract(&file.service);
     let topic = bus.request_topic(target);
     let r = bus
         .request_reply(
