@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::acl::AclConfig;
 pub use edgebus_runtime::config::{duration, ByteSize};
+pub use edgebus_runtime::policy::Rate;
 
 /// Settings of the embedded broker.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -47,6 +48,18 @@ pub struct BrokerConfig {
     pub auth: AuthConfig,
     /// Per-topic access control.
     pub acl: AclConfig,
+    /// What one client connection may publish; the excess is dropped and counted.
+    pub rate_limit: ClientRateLimit,
+}
+
+/// Per-connection publish limits, e.g. `{ messages = "500/s", bytes = "256KiB/s" }`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientRateLimit {
+    /// PUBLISH packets per second (`"500/s"`, `"100/s burst 1000"`); none: no limit.
+    pub messages: Option<Rate>,
+    /// Payload bytes per second (`"256KiB/s"`); none: no limit.
+    pub bytes: Option<Rate>,
 }
 
 impl Default for BrokerConfig {
@@ -65,6 +78,7 @@ impl Default for BrokerConfig {
             shared_strategy: SharedStrategy::RoundRobin,
             auth: AuthConfig::default(),
             acl: AclConfig::default(),
+            rate_limit: ClientRateLimit::default(),
         }
     }
 }

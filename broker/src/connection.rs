@@ -40,6 +40,7 @@ use crate::sessions::persistent_name;
 use crate::stats::{add, bump};
 use crate::system::SysMsg;
 use crate::Shared;
+use edgebus_runtime::policy::TokenBucket;
 
 /// Which MQTT version a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,7 +242,9 @@ where
             aliases: HashMap::new(),
             keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
             router_open: true,
+            limits: Limits::new(&shared.config.rate_limit),
         };
+        shared.names.insert(router_name.clone(), client_id.clone());
         conn.connack(session_present, assigned.then(|| client_id.clone()));
         debug!(
             ?version,
@@ -320,6 +323,9 @@ where
     }
 
     // 7. Give back what this connection held.
+    shared
+        .names
+        .remove_if(&router_name, |_, owner| *owner == client_id);
     if let Some(n) = slot {
         shared.sessions.give_slot(n);
     }
@@ -494,6 +500,45 @@ struct Conn {
     aliases: HashMap<u16, Bytes>,
     keep_alive: Duration,
     router_open: bool,
+    limits: Limits,
+}
+
+/// A connection's publish rate limits, and the drops not yet logged.
+struct Limits {
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    dropped: u64,
+    logged: Instant,
+}
+
+impl Limits {
+    fn new(config: &crate::config::ClientRateLimit) -> Limits {
+        Limits {
+            messages: config.messages.map(TokenBucket::new),
+            bytes: config.bytes.map(TokenBucket::new),
+            dropped: 0,
+            logged: Instant::now(),
+        }
+    }
+
+    /// Whether a publish of `len` payload bytes fits; both buckets are charged only if so.
+    fn admit(&mut self, len: usize) -> bool {
+        let fits_messages = self
+            .messages
+            .as_ref()
+            .map_or(true, |b| b.wait_for(1.0).is_zero());
+        let fits_bytes = self
+            .bytes
+            .as_ref()
+            .map_or(true, |b| b.wait_for(len as f64).is_zero());
+        if fits_messages && fits_bytes {
+            let m = self.messages.as_mut().map_or(true, |b| b.try_take(1.0));
+            let b = self.bytes.as_mut().map_or(true, |b| b.try_take(len as f64));
+            m && b
+        } else {
+            false
+        }
+    }
 }
 
 /// Notifications handled per wake-up before the socket is written.
@@ -836,9 +881,34 @@ impl Conn {
         if !self.shared.config.acl.can_publish(self.principal(), topic) {
             return self.deny_publish(qos, pkid, topic, "denied by ACL");
         }
+        if !self.limits.admit(publish.payload.len()) {
+            return self.rate_limited(qos, pkid, topic);
+        }
         bump(&self.shared.stats.messages_in);
         self.to_router.push(Packet::Publish(publish, props));
         Ok(())
+    }
+
+    /// Drops a publish over the connection's rate limit: counted, logged at most once a
+    /// second per connection, and refused with "quota exceeded" to an MQTT 5 client.
+    fn rate_limited(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), End> {
+        bump(&self.shared.stats.rate_limited);
+        self.limits.dropped += 1;
+        if self.limits.logged.elapsed() >= Duration::from_secs(1) {
+            warn!(
+                topic,
+                dropped = self.limits.dropped,
+                "client over its publish rate limit; messages dropped"
+            );
+            self.limits.dropped = 0;
+            self.limits.logged = Instant::now();
+        }
+        self.refuse_publish(
+            qos,
+            pkid,
+            PubAckReason::QuotaExceeded,
+            PubRecReason::QuotaExceeded,
+        )
     }
 
     fn deny_publish(&mut self, qos: u8, pkid: u16, topic: &str, why: &str) -> Result<(), End> {
@@ -849,16 +919,29 @@ impl Conn {
             reason = why,
             "publish refused"
         );
+        self.refuse_publish(
+            qos,
+            pkid,
+            PubAckReason::NotAuthorized,
+            PubRecReason::NotAuthorized,
+        )
+    }
+
+    /// Acknowledges a publish that is not forwarded: with `ack`/`rec` to an MQTT 5 client,
+    /// with success to a 3.1.1 one (it has no way to say no), so the client moves on.
+    fn refuse_publish(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        ack: PubAckReason,
+        rec: PubRecReason,
+    ) -> Result<(), End> {
         let v5 = self.version == Version::V5;
         match qos {
             1 => self.encode(Packet::PubAck(
                 PubAck {
                     pkid,
-                    reason: if v5 {
-                        PubAckReason::NotAuthorized
-                    } else {
-                        PubAckReason::Success
-                    },
+                    reason: if v5 { ack } else { PubAckReason::Success },
                 },
                 None,
             )),
@@ -870,11 +953,7 @@ impl Conn {
                 self.encode(Packet::PubRec(
                     PubRec {
                         pkid,
-                        reason: if v5 {
-                            PubRecReason::NotAuthorized
-                        } else {
-                            PubRecReason::Success
-                        },
+                        reason: if v5 { rec } else { PubRecReason::Success },
                     },
                     None,
                 ))

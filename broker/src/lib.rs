@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! let config = edgebus_broker::BrokerConfig::default();
-//! let broker = edgebus_broker::Broker::start(config, Some("edge/system/broker/stats".into()))?;
+//! let broker = edgebus_broker::Broker::start(config, Some("edge/system/broker".into()))?;
 //! println!("listening on {}", broker.local_addr());
 //! broker.shutdown(std::time::Duration::from_secs(2));
 //! # Ok::<(), edgebus_broker::BrokerError>(())
@@ -23,6 +23,7 @@
 //! - `connection`: one client connection, from CONNECT to close.
 //! - `frame`: fixed-header parsing that runs before rumqttd's codecs.
 //! - `listener`: accept loops (TCP, WebSocket).
+//! - [`lag`]: subscribers that fall behind, and the messages they skip.
 //! - `sessions`: client-id ownership, takeover and the router's names for clients.
 //! - `system`: the broker's own link, for wills and stats.
 
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod config;
 mod connection;
 mod frame;
+pub mod lag;
 mod listener;
 mod sessions;
 pub mod stats;
@@ -89,6 +91,8 @@ pub(crate) struct Shared {
     sys: system::SysTx,
     shutdown: CancellationToken,
     filters: Mutex<std::collections::HashSet<String>>,
+    /// Connected clients by the router's name for them (for lag reports).
+    names: dashmap::DashMap<String, String>,
 }
 
 impl Shared {
@@ -114,10 +118,11 @@ impl Broker {
     // LinkError is rumqttd's.
     #[allow(clippy::result_large_err)]
     /// Binds the listeners and starts serving on a runtime of the broker's own.
-    /// `stats_topic` is where the retained stats record goes (none: not published).
+    /// `system_topic` (`edge/system/broker`) is where the broker publishes: the retained stats
+    /// record on `{system_topic}/stats`, lag reports on `{system_topic}/lag` (none: neither).
     pub fn start(
         config: BrokerConfig,
-        stats_topic: Option<String>,
+        system_topic: Option<String>,
     ) -> Result<BrokerHandle, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
         let passwords = config
@@ -187,6 +192,7 @@ impl Broker {
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),
                 filters: Mutex::new(Default::default()),
+                names: Default::default(),
             })
         };
 
@@ -211,9 +217,16 @@ impl Broker {
                 ));
             }
             tracker.spawn(trim_when_quiet(shared.clone()));
-            if let Some(topic) = stats_topic.filter(|_| !shared.config.stats_interval.is_zero()) {
-                tracker.spawn(publish_stats(shared.clone(), topic));
+            if let Some(topic) = system_topic
+                .as_ref()
+                .filter(|_| !shared.config.stats_interval.is_zero())
+            {
+                tracker.spawn(publish_stats(shared.clone(), format!("{topic}/stats")));
             }
+            tracker.spawn(report_lag(
+                shared.clone(),
+                system_topic.map(|t| Bytes::from(format!("{t}/lag"))),
+            ));
         }
         info!(%local_addr, websocket = ?ws_addr, "broker listening (MQTT 3.1.1 and 5)");
         Ok(BrokerHandle {
@@ -251,6 +264,47 @@ async fn trim_when_quiet(shared: Arc<Shared>) {
             // Nothing happened for a whole tick: a good moment, and only once per burst.
             stats::trim_heap();
             trimmed = true;
+        }
+    }
+}
+
+/// Counts, logs and publishes the messages this broker's subscribers skipped.
+async fn report_lag(shared: Arc<Shared>, topic: Option<Bytes>) {
+    let mut skips = lag::listen();
+    loop {
+        let skip = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            s = skips.recv() => match s { Some(s) => s, None => return },
+        };
+        // Another broker's client, in a process that runs two.
+        let Some(client_id) = shared.names.get(&skip.router_name).map(|c| c.clone()) else {
+            continue;
+        };
+        shared.stats.slow_subscriber.fetch_add(skip.lost, Relaxed);
+        // A shared filter as the client wrote it, without the router's group name.
+        let filter = match skip.filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f).to_owned(),
+            None => skip.filter.clone(),
+        };
+        tracing::warn!(
+            client_id,
+            filter = %filter,
+            lost = skip.lost,
+            "subscriber fell behind; messages skipped (raise segment_size or segment_count)"
+        );
+        if let Some(topic) = &topic {
+            let body = serde_json::json!({
+                "client_id": client_id,
+                "filter": filter,
+                "lost": skip.lost,
+                "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            });
+            shared.sys.send(system::SysMsg::Publish {
+                topic: topic.clone(),
+                payload: Bytes::from(body.to_string()),
+                retain: false,
+                props: None,
+            });
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct Stats {
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) filters: AtomicU64,
     pub(crate) wills: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) slow_subscriber: AtomicU64,
 }
 
 impl Default for Stats {
@@ -41,6 +43,8 @@ impl Default for Stats {
             protocol_errors: AtomicU64::new(0),
             filters: AtomicU64::new(0),
             wills: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            slow_subscriber: AtomicU64::new(0),
         }
     }
 }
@@ -95,6 +99,12 @@ pub struct Dropped {
     pub properties_stripped: u64,
     /// Connections closed for a malformed or unexpected packet.
     pub protocol_errors: u64,
+    /// PUBLISHes over a client's `rate_limit`.
+    pub rate_limited: u64,
+    /// Messages subscribers skipped because they fell further behind than a filter's log
+    /// holds (`segment_size × segment_count`); each skip is logged and published on
+    /// `{system topic}/lag`.
+    pub slow_subscriber: u64,
 }
 
 impl Stats {
@@ -114,6 +124,8 @@ impl Stats {
                 denied_subscribe: g(&self.denied_subscribe),
                 properties_stripped: g(&self.properties_stripped),
                 protocol_errors: g(&self.protocol_errors),
+                rate_limited: g(&self.rate_limited),
+                slow_subscriber: g(&self.slow_subscriber),
             },
             filters: g(&self.filters),
             wills: g(&self.wills),

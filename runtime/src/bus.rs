@@ -70,6 +70,10 @@ pub struct BusOptions {
     pub will: Option<Will>,
     /// Who this connection is, when it is a service instance (registration and heartbeats).
     pub presence: Option<crate::presence::Identity>,
+    /// Listen for the edgebus broker's lag reports (`{prefix}/system/broker/lag`): messages
+    /// the broker skipped because this client fell behind are then counted, logged, charged
+    /// to the subscriptions they were for, and sent to [`Bus::lag_events`].
+    pub watch_lag: bool,
 }
 
 /// A Last Will message.
@@ -106,6 +110,7 @@ impl BusOptions {
             reply_topic: None,
             will: None,
             presence: None,
+            watch_lag: false,
         }
     }
 
@@ -241,6 +246,9 @@ pub struct BusStats {
     pub circuit_rejected: u64,
     /// Requests that failed after their retries and were dead-lettered.
     pub dead_letters: u64,
+    /// Messages for this client the broker skipped because it fell behind (edgebus broker
+    /// lag reports; see [`BusOptions::watch_lag`]).
+    pub skipped_at_broker: u64,
 }
 
 #[derive(Default)]
@@ -256,6 +264,7 @@ pub(crate) struct Counters {
     pub(crate) request_retries: AtomicU64,
     pub(crate) circuit_rejected: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    skipped_at_broker: AtomicU64,
 }
 
 /// Called with a message a full subscription buffer could not take.
@@ -293,6 +302,8 @@ struct Inner {
     next_request: AtomicU64,
     request_nonce: u64,
     unmatched_replies: AtomicU64,
+    /// Lag reports for this client.
+    lag: tokio::sync::broadcast::Sender<LagEvent>,
     /// Retry and circuit policies of request targets, by request topic.
     policies: RwLock<HashMap<String, Arc<TargetPolicy>>>,
     closing: AtomicBool,
@@ -460,6 +471,7 @@ impl Bus {
             request_nonce: random_u64(),
             unmatched_replies: AtomicU64::new(0),
             policies: RwLock::new(HashMap::new()),
+            lag: tokio::sync::broadcast::channel(16).0,
             closing: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             task: Mutex::new(None),
@@ -467,6 +479,9 @@ impl Bus {
         let bus = Bus { inner };
         if let Some(reply) = bus.inner.options.reply_topic.clone() {
             bus.register_reply_subscription(reply)?;
+        }
+        if bus.inner.options.watch_lag {
+            bus.register_lag_subscription();
         }
         let task = tokio::spawn(drive(Arc::downgrade(&bus.inner), eventloop));
         *lock(&bus.inner.task) = Some(task);
@@ -537,6 +552,7 @@ impl Bus {
             request_retries: c.request_retries.load(Ordering::Relaxed),
             circuit_rejected: c.circuit_rejected.load(Ordering::Relaxed),
             dead_letters: c.dead_letters.load(Ordering::Relaxed),
+            skipped_at_broker: c.skipped_at_broker.load(Ordering::Relaxed),
         }
     }
 
@@ -809,6 +825,49 @@ impl Bus {
         Ok(())
     }
 
+    fn register_lag_subscription(&self) {
+        let topic = format!("{}/system/broker/lag", self.prefix());
+        let (_, mut subscriber) = self.new_subscription(&topic, &topic, 0, None);
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(msg) = subscriber.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let Ok(event) = serde_json::from_slice::<LagEvent>(&msg.payload) else {
+                    continue;
+                };
+                if event.client_id != inner.options.client_id {
+                    continue;
+                }
+                inner
+                    .counters
+                    .skipped_at_broker
+                    .fetch_add(event.lost, Ordering::Relaxed);
+                // The broker names the filter as it keeps it: a shared one without its group.
+                let wire = |f: &str| {
+                    f.strip_prefix("$share/")
+                        .and_then(|r| r.split_once('/'))
+                        .map_or(f.to_owned(), |(_, f)| f.to_owned())
+                };
+                for s in read(&inner.subs).iter() {
+                    if wire(&s.filter) == event.filter {
+                        s.dropped.fetch_add(event.lost, Ordering::Relaxed);
+                    }
+                }
+                tracing::warn!(
+                    filter = %event.filter,
+                    lost = event.lost,
+                    "the broker skipped messages for this client: it fell behind"
+                );
+                let _ = inner.lag.send(event);
+            }
+        });
+    }
+
+    /// Lag reports for this client, as they come (needs [`BusOptions::watch_lag`]).
+    pub fn lag_events(&self) -> tokio::sync::broadcast::Receiver<LagEvent> {
+        self.inner.lag.subscribe()
+    }
+
     /// Registers a waiter for a reply and returns its correlation id and receiver. The
     /// waiter is removed when the receiver's request finishes (see [`ReplyGuard`]).
     pub(crate) fn expect_reply(&self) -> Option<(ReplyGuard, oneshot::Receiver<Message>)> {
@@ -908,6 +967,20 @@ impl Drop for ReplyGuard {
     fn drop(&mut self) {
         lock(&self.bus.inner.pending).remove(&self.id);
     }
+}
+
+/// Messages the broker skipped for this client on one filter, because the client fell
+/// further behind than the broker buffers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LagEvent {
+    /// The client.
+    pub client_id: String,
+    /// The filter (without a `$share/{group}/` part).
+    pub filter: String,
+    /// Messages skipped.
+    pub lost: u64,
+    /// When the broker noticed.
+    pub at: String,
 }
 
 /// How requests to one target are retried and guarded; see [`Bus::set_policy`].

@@ -146,6 +146,7 @@ impl BusOptions {
         let identity = crate::presence::Identity::new(service, &instance);
         o.will = Some(identity.will(&prefix));
         o.presence = Some(identity);
+        o.watch_lag = true;
         o
     }
 }
@@ -636,6 +637,13 @@ async fn start_presence(
                 "checks": results,
                 "stats": total,
             });
+            let bs = bus.stats();
+            if bs.skipped_at_broker + bs.dropped_incoming > 0 {
+                beat["lost"] = serde_json::json!({
+                    "at_broker": bs.skipped_at_broker,
+                    "in_buffers": bs.dropped_incoming,
+                });
+            }
             let circuits = bus.circuits();
             if !circuits.is_empty() {
                 beat["circuits"] = circuits

@@ -204,20 +204,26 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("EDGEBUS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     // Under systemd the journal stamps each line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
+    let fmt = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    // The log filter above does not hide what the broker's lag layer reads.
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(edgebus_broker::lag::layer())
+        .init();
 }
 
 fn load(config: Option<&Path>) -> anyhow::Result<TopicsFile> {
@@ -324,8 +330,8 @@ fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         file.broker.listen = listen;
     }
-    let stats_topic = format!("{}/system/broker/stats", file.bus.prefix);
-    let handle = edgebus_broker::Broker::start(file.broker, Some(stats_topic))?;
+    let system_topic = format!("{}/system/broker", file.bus.prefix);
+    let handle = edgebus_broker::Broker::start(file.broker, Some(system_topic))?;
     // One stable line on stdout, for scripts and tests that start us on port 0.
     println!("edgebus broker listening on {}", handle.local_addr());
     if let Some(ws) = handle.websocket_addr() {
@@ -381,8 +387,8 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         file.broker.listen = listen;
     }
-    let stats_topic = format!("{}/system/broker/stats", file.bus.prefix);
-    let handle = edgebus_broker::Broker::start(file.broker.clone(), Some(stats_topic))?;
+    let system_topic = format!("{}/system/broker", file.bus.prefix);
+    let handle = edgebus_broker::Broker::start(file.broker.clone(), Some(system_topic))?;
     let mut addr = handle.local_addr();
     println!("edgebus broker listening on {addr}");
     if let Some(ws) = handle.websocket_addr() {

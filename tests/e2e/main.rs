@@ -2,6 +2,7 @@
 //! rumqttc and hand-made packets. One test binary keeps link time down.
 
 mod broker;
+mod faults;
 mod harness;
 mod health;
 mod presence;

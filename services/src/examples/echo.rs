@@ -55,13 +55,10 @@ async fn echo(req: Request<Value>, me: Arc<OnceLock<Service>>) -> Result<Value, 
     }
     if req.data.get("emit") == Some(&Value::Bool(true)) {
         if let Some(service) = me.get() {
-            service
-                .emit("said", &req.data)
-                .await
-                .map_err(|e| match e {
-                    EventError::Bus(e) => ServiceError::unavailable(format!("event not sent: {e}")),
-                    other => ServiceError::bad_request(format!("field `emit`: {other}")),
-                })?;
+            service.emit("said", &req.data).await.map_err(|e| match e {
+                EventError::Bus(e) => ServiceError::unavailable(format!("event not sent: {e}")),
+                other => ServiceError::bad_request(format!("field `emit`: {other}")),
+            })?;
         }
     }
     Ok(req.data)
