@@ -508,7 +508,7 @@ struct Limits {
     messages: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
     dropped: u64,
-    logged: Instant,
+    logged: Option<Instant>,
 }
 
 impl Limits {
@@ -517,7 +517,7 @@ impl Limits {
             messages: config.messages.map(TokenBucket::new),
             bytes: config.bytes.map(TokenBucket::new),
             dropped: 0,
-            logged: Instant::now(),
+            logged: None,
         }
     }
 
@@ -894,14 +894,18 @@ impl Conn {
     fn rate_limited(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), End> {
         bump(&self.shared.stats.rate_limited);
         self.limits.dropped += 1;
-        if self.limits.logged.elapsed() >= Duration::from_secs(1) {
+        if self
+            .limits
+            .logged
+            .map_or(true, |at| at.elapsed() >= Duration::from_secs(1))
+        {
             warn!(
                 topic,
                 dropped = self.limits.dropped,
                 "client over its publish rate limit; messages dropped"
             );
             self.limits.dropped = 0;
-            self.limits.logged = Instant::now();
+            self.limits.logged = Some(Instant::now());
         }
         self.refuse_publish(
             qos,

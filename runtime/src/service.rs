@@ -39,7 +39,9 @@ use crate::policy::TokenBucket;
 use crate::presence::{birth_record, Check, Checks, Presence};
 use crate::stats::{EndpointSnapshot, EndpointStats};
 use crate::topic::check_topic;
-use crate::wire::{code, now_ms, timestamp, ErrorBody, ReplyBody, RequestMeta, ServiceError};
+use crate::wire::{
+    code, decode_request, now_ms, timestamp, ErrorBody, ReplyBody, RequestMeta, ServiceError,
+};
 
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
@@ -931,13 +933,7 @@ impl EndpointCtx {
                 ),
             ));
         }
-        let mut data: Value = if msg.payload.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&msg.payload)
-                .map_err(|e| ServiceError::bad_request(format!("malformed JSON: {e}")))?
-        };
-        let meta = RequestMeta::take(&mut data).map_err(ServiceError::bad_request)?;
+        let (data, meta) = decode_request(&msg.payload).map_err(ServiceError::bad_request)?;
         if reply.topic.is_none() {
             if let Some(to) = &meta.reply_to {
                 match check_topic(to) {

@@ -149,6 +149,19 @@ pub struct RequestMeta {
 /// Field names [`RequestMeta`] takes out of a request object.
 pub const META_FIELDS: &[&str] = &["reply_to", "correlation_id", "session_id", "deadline_ms"];
 
+/// Decodes a request payload as an endpoint does before its handler runs: empty or blank is
+/// `null`, anything else must be JSON; an object's metadata fields (`reply_to`,
+/// `correlation_id`, `session_id`, `deadline_ms`) are taken out. The error says what is wrong.
+pub fn decode_request(payload: &[u8]) -> Result<(Value, RequestMeta), String> {
+    let mut data: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(payload).map_err(|e| format!("malformed JSON: {e}"))?
+    };
+    let meta = RequestMeta::take(&mut data)?;
+    Ok((data, meta))
+}
+
 impl RequestMeta {
     /// Takes the metadata fields out of a request object. A field of the wrong type is an
     /// error naming it.
