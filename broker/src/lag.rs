@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 use tracing::field::{Field, Visit};
 use tracing::{span, Event, Level, Subscriber};
-use tracing_subscriber::filter::{Filtered, Targets};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -43,13 +43,21 @@ fn report(skip: Skip) {
     sinks.retain(|s| s.send(skip.clone()).is_ok());
 }
 
-/// The layer that notices skipped messages, already filtered to the one rumqttd module it
-/// reads: add it to the process's `tracing` subscriber next to the log output.
-pub fn layer<S>() -> Filtered<LagLayer, Targets, S>
+/// The layer that notices skipped messages, already filtered to the two rumqttd callsites it
+/// reads (the `outgoing_publish` span and the router's warnings), so nothing else in rumqttd
+/// is turned on: add it to the process's `tracing` subscriber next to the log output.
+pub fn layer<S>() -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    LagLayer.with_filter(Targets::new().with_target("rumqttd::router::routing", Level::INFO))
+    LagLayer.with_filter(filter_fn(|meta| {
+        meta.target() == "rumqttd::router::routing"
+            && if meta.is_span() {
+                meta.name() == "outgoing_publish"
+            } else {
+                *meta.level() == Level::WARN
+            }
+    }))
 }
 
 /// See [`layer`].
