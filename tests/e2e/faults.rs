@@ -19,17 +19,9 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::{json, Value};
 
 use crate::harness::*;
-use crate::runtime::client;
+use crate::runtime::{client, runtime};
 
 const T: Duration = Duration::from_secs(5);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// A retry policy for load under faults: many short attempts inside the request's timeout.
 fn patient() -> RetryPolicy {
@@ -382,13 +374,7 @@ fn slow_subscriber_loss_is_counted_and_reported() {
          and skipped {replies_skipped}; unreported 0"
     );
     assert!(skipped > 0, "nothing skipped: the stop was too short?");
-    let stats = run_tool(
-        "mosquitto_sub",
-        &p,
-        &["-t", "edge/system/broker/stats", "-C", "1", "-W", "5"],
-    )
-    .1;
-    let stats: Value = serde_json::from_str(stats.trim()).expect("stats");
+    let stats = broker_stats(&p);
     assert_eq!(
         stats["dropped"]["slow_subscriber"],
         skipped + replies_skipped,
@@ -729,13 +715,7 @@ fn broker_rate_limit_drops_and_counts() {
         c.close(T).await;
     });
     let got = sub.drain(Duration::from_millis(800)).len() as u64;
-    let stats = run_tool(
-        "mosquitto_sub",
-        &p,
-        &["-t", "edge/system/broker/stats", "-C", "1", "-W", "5"],
-    )
-    .1;
-    let stats: Value = serde_json::from_str(stats.trim()).expect("stats");
+    let stats = broker_stats(&p);
     let limited = stats["dropped"]["rate_limited"].as_u64().expect("counter");
     eprintln!(
         "broker rate limit 50/s: {sent} sent at once, {got} passed, {limited} dropped and counted"
@@ -746,4 +726,14 @@ fn broker_rate_limit_drops_and_counts() {
     broker
         .proc
         .expect_line("client over its publish rate limit", T);
+}
+
+/// The broker's latest retained stats record.
+fn broker_stats(port: &str) -> Value {
+    let (_, out) = run_tool(
+        "mosquitto_sub",
+        port,
+        &["-t", "edge/system/broker/stats", "-C", "1", "-W", "5"],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("stats ({e}): {out}"))
 }

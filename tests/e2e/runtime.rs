@@ -19,7 +19,7 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(5);
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
