@@ -523,21 +523,17 @@ impl Limits {
 
     /// Whether a publish of `len` payload bytes fits; both buckets are charged only if so.
     fn admit(&mut self, len: usize) -> bool {
-        let fits_messages = self
-            .messages
-            .as_ref()
-            .map_or(true, |b| b.wait_for(1.0).is_zero());
-        let fits_bytes = self
-            .bytes
-            .as_ref()
-            .map_or(true, |b| b.wait_for(len as f64).is_zero());
-        if fits_messages && fits_bytes {
-            let m = self.messages.as_mut().map_or(true, |b| b.try_take(1.0));
-            let b = self.bytes.as_mut().map_or(true, |b| b.try_take(len as f64));
-            m && b
-        } else {
-            false
+        let len = len as f64;
+        let fits = self.messages.as_mut().map_or(true, |b| b.has(1.0))
+            && self.bytes.as_mut().map_or(true, |b| b.has(len));
+        if fits {
+            for (bucket, n) in [(&mut self.messages, 1.0), (&mut self.bytes, len)] {
+                if let Some(b) = bucket {
+                    b.try_take(n);
+                }
+            }
         }
+        fits
     }
 }
 

@@ -488,9 +488,7 @@ impl TokenBucket {
     }
 
     fn try_take_at(&mut self, n: f64, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate.per_second).min(self.rate.burst);
+        self.refill(now);
         // One message larger than the whole burst still passes once the bucket is full.
         let n = n.min(self.rate.burst);
         if self.tokens >= n {
@@ -501,10 +499,20 @@ impl TokenBucket {
         }
     }
 
-    /// How long until `n` tokens are there.
-    pub fn wait_for(&self, n: f64) -> Duration {
-        let missing = (n.min(self.rate.burst) - self.tokens).max(0.0);
-        Duration::from_secs_f64(missing / self.rate.per_second)
+    /// Whether `n` tokens are there now (refilled first), without taking them.
+    pub fn has(&mut self, n: f64) -> bool {
+        self.has_at(n, Instant::now())
+    }
+
+    fn has_at(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= n.min(self.rate.burst)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate.per_second).min(self.rate.burst);
     }
 }
 

@@ -705,15 +705,18 @@ fn broker_rate_limit_drops_and_counts() {
     let p = broker.port();
     let sub = Sub::start(&p, &["-t", "test/rate", "-q", "1"]);
     let sent = 200;
-    runtime().block_on(async {
-        let c = client(addr).await;
-        for i in 0..sent {
-            c.publish("test/rate", format!("{i}"), PublishOptions::qos(1))
-                .await
-                .expect("publish");
-        }
-        c.close(T).await;
-    });
+    let rt = runtime();
+    let c = rt.block_on(client(addr));
+    let burst = |n: u64| {
+        rt.block_on(async {
+            for i in 0..n {
+                c.publish("test/rate", format!("{i}"), PublishOptions::qos(1))
+                    .await
+                    .expect("publish");
+            }
+        })
+    };
+    burst(sent);
     let got = sub.drain(Duration::from_millis(800)).len() as u64;
     let stats = broker_stats(&p);
     let limited = stats["dropped"]["rate_limited"].as_u64().expect("counter");
@@ -721,11 +724,19 @@ fn broker_rate_limit_drops_and_counts() {
         "broker rate limit 50/s: {sent} sent at once, {got} passed, {limited} dropped and counted"
     );
     assert!((45..=100).contains(&got), "{got} passed");
-    // The client's own sync message counts against its limit too.
-    assert!(got + limited >= sent, "{got} + {limited} < {sent}");
+    assert_eq!(got + limited, sent, "every publish delivered or counted");
     broker
         .proc
         .expect_line("client over its publish rate limit", T);
+    // The limit refills: a second, smaller burst a second later all passes.
+    std::thread::sleep(Duration::from_millis(1100));
+    burst(20);
+    assert_eq!(
+        sub.drain(Duration::from_millis(800)).len(),
+        20,
+        "the limit did not refill"
+    );
+    rt.block_on(c.close(T));
 }
 
 /// The broker's latest retained stats record.
