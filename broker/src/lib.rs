@@ -236,6 +236,7 @@ impl Broker {
             shutdown,
             tracker,
             stats,
+            sys: shared.sys.clone(),
         })
     }
 }
@@ -331,6 +332,49 @@ async fn publish_stats(shared: Arc<Shared>, topic: String) {
     }
 }
 
+/// Checks that a broker's runtime runs tasks and its router answers.
+#[derive(Debug, Clone)]
+pub struct BrokerProbe {
+    runtime: Option<tokio::runtime::Handle>,
+    sys: system::SysTx,
+}
+
+impl BrokerProbe {
+    /// `Ok` when the broker's runtime ran a task and its router answered a PINGREQ within
+    /// `budget`; else which part did not.
+    pub fn probe(&self, budget: Duration) -> Result<(), String> {
+        let Some(rt) = &self.runtime else {
+            return Err("the broker is stopped".into());
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let sys = self.sys.clone();
+        rt.spawn(async move {
+            let (done, answered) = tokio::sync::oneshot::channel();
+            let _ = tx.try_send(false);
+            sys.send(system::SysMsg::Ping(done));
+            if answered.await.is_ok() {
+                let _ = tx.try_send(true);
+            }
+        });
+        let deadline = std::time::Instant::now() + budget;
+        let wait =
+            || rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+        if wait().is_err() {
+            return Err(format!(
+                "the broker runtime did not run a task within {} ms",
+                budget.as_millis()
+            ));
+        }
+        match wait() {
+            Ok(true) => Ok(()),
+            _ => Err(format!(
+                "the router did not answer a ping within {} ms",
+                budget.as_millis()
+            )),
+        }
+    }
+}
+
 /// A running broker. Dropping it shuts the broker down.
 pub struct BrokerHandle {
     runtime: Option<tokio::runtime::Runtime>,
@@ -339,9 +383,23 @@ pub struct BrokerHandle {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stats: Arc<Stats>,
+    sys: system::SysTx,
 }
 
 impl BrokerHandle {
+    /// A probe of this broker's health, usable from any thread (the watchdog's).
+    pub fn prober(&self) -> BrokerProbe {
+        BrokerProbe {
+            runtime: self.runtime.as_ref().map(|r| r.handle().clone()),
+            sys: self.sys.clone(),
+        }
+    }
+
+    /// The live counters (for exporters; [`BrokerHandle::stats`] copies them).
+    pub fn counters(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
     /// The MQTT listener's address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -307,6 +307,10 @@ struct Inner {
     /// Retry and circuit policies of request targets, by request topic.
     policies: RwLock<HashMap<String, Arc<TargetPolicy>>>,
     closing: AtomicBool,
+    /// When the event loop is next due to turn (ms since `epoch`): it turns at least once
+    /// per keep-alive while connected, and once per reconnect attempt while not.
+    loop_due: AtomicU64,
+    epoch: Instant,
     shutdown: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -473,10 +477,13 @@ impl Bus {
             policies: RwLock::new(HashMap::new()),
             lag: tokio::sync::broadcast::channel(16).0,
             closing: AtomicBool::new(false),
+            loop_due: AtomicU64::new(0),
+            epoch: Instant::now(),
             shutdown: CancellationToken::new(),
             task: Mutex::new(None),
         });
         let bus = Bus { inner };
+        bus.inner.expect_turn_within(Duration::from_secs(5));
         if let Some(reply) = bus.inner.options.reply_topic.clone() {
             bus.register_reply_subscription(reply)?;
         }
@@ -486,6 +493,18 @@ impl Bus {
         let task = tokio::spawn(drive(Arc::downgrade(&bus.inner), eventloop));
         *lock(&bus.inner.task) = Some(task);
         Ok(bus)
+    }
+
+    /// How long the event loop is overdue, if it is: it turns at least once per keep-alive
+    /// while connected (the ping) and once per attempt while reconnecting, so a loop that
+    /// stays overdue is stuck (a blocked task, a deadlock). A closed bus is never overdue.
+    pub fn event_loop_stalled(&self) -> Option<Duration> {
+        if self.inner.closing.load(Ordering::Relaxed) || self.inner.shutdown.is_cancelled() {
+            return None;
+        }
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let due = self.inner.loop_due.load(Ordering::Relaxed);
+        (now > due).then(|| Duration::from_millis(now - due))
     }
 
     /// The options this bus was made with.
@@ -1051,6 +1070,9 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
             ev = el.poll() => ev,
         };
         let Some(inner) = weak.upgrade() else { return };
+        // The next turn comes with the next packet, or the keep-alive ping at the latest (a
+        // ping unanswered fails the connection one keep-alive later).
+        inner.expect_turn_within(inner.options.keep_alive.max(Duration::from_secs(5)) * 2);
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
@@ -1177,6 +1199,8 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
                     Some(d) => (d * 2).min(opts.backoff_max),
                 };
                 backoff = Some(delay);
+                // Then a connection attempt, bounded by the 5 s connection timeout.
+                inner.expect_turn_within(delay + delay / 4 + Duration::from_secs(5));
                 drop(inner);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -1184,6 +1208,15 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
                 }
             }
         }
+    }
+}
+
+impl Inner {
+    /// Records that the event loop will turn again within `within` (plus a margin).
+    fn expect_turn_within(&self, within: Duration) {
+        let due = self.epoch.elapsed() + within + Duration::from_secs(5);
+        self.loop_due
+            .store(due.as_millis() as u64, Ordering::Relaxed);
     }
 }
 

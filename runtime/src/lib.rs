@@ -15,6 +15,8 @@
 //! - [`saga`]: sagas and pipelines: steps, retries, compensation, a durable journal.
 //! - [`events`]: event envelopes, typed event streams, batching.
 //! - [`stats`]: per-endpoint counters and latency percentiles.
+//! - [`systemd`]: readiness, status and a watchdog that pings only while the loops are healthy.
+//! - [`metrics`]: Prometheus text for a process's buses and services, and a tiny HTTP server.
 
 pub mod config;
 pub mod contract;
@@ -27,6 +29,8 @@ pub mod bus;
 #[cfg(feature = "client")]
 pub mod events;
 #[cfg(feature = "client")]
+pub mod metrics;
+#[cfg(feature = "client")]
 pub mod presence;
 #[cfg(feature = "client")]
 pub mod request;
@@ -36,6 +40,8 @@ pub mod saga;
 pub mod service;
 #[cfg(feature = "client")]
 pub mod stats;
+#[cfg(feature = "client")]
+pub mod systemd;
 
 /// What a service author needs, in one import.
 #[cfg(feature = "client")]

@@ -521,6 +521,11 @@ impl Service {
             .collect()
     }
 
+    /// The live counters of each endpoint (for exporters such as [`crate::metrics`]).
+    pub fn endpoint_stats(&self) -> impl Iterator<Item = (&str, &EndpointStats)> {
+        self.inner.stats.iter().map(|(k, v)| (k.as_str(), &**v))
+    }
+
     /// All endpoints' figures summed (latencies: the worst endpoint's).
     pub fn total_stats(&self) -> EndpointSnapshot {
         EndpointSnapshot::total(self.stats().into_values())

@@ -113,6 +113,28 @@ impl EndpointStats {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The handling-time distribution as a cumulative histogram over `bounds` (seconds,
+    /// ascending): `(sum in seconds, count, [(bound, requests taking at most bound)])`. The
+    /// sum is exact to the histogram's 2 significant digits.
+    pub fn latency_histogram(&self, bounds: &[f64]) -> (f64, u64, Vec<(f64, u64)>) {
+        let Ok(h) = self.latency.lock() else {
+            return (0.0, 0, bounds.iter().map(|b| (*b, 0)).collect());
+        };
+        let mut buckets: Vec<(f64, u64)> = bounds.iter().map(|b| (*b, 0)).collect();
+        let mut sum = 0.0;
+        for v in h.iter_recorded() {
+            let secs = h.median_equivalent(v.value_iterated_to()) as f64 / 1e6;
+            let n = v.count_at_value();
+            sum += secs * n as f64;
+            for (bound, count) in buckets.iter_mut() {
+                if secs <= *bound {
+                    *count += n;
+                }
+            }
+        }
+        (sum, h.len(), buckets)
+    }
+
     /// The current figures.
     pub fn snapshot(&self) -> EndpointSnapshot {
         let (p50, p99) = match self.latency.lock() {

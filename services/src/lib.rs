@@ -9,6 +9,8 @@
 //! - [`orchestrator`]: the sagas of topics.toml, run durably.
 //! - [`views`]: `edgebus services` and `edgebus health`.
 //! - [`run`]: running services and making calls from the command line.
+//! - [`ops`]: systemd readiness and watchdog, status lines, Prometheus metrics.
+//! - [`logging`]: log output for a terminal, for systemd, and to the journal with fields.
 
 pub mod bench;
 pub mod config;
@@ -16,6 +18,8 @@ pub mod detect;
 pub mod discovery;
 pub mod examples;
 pub mod health;
+pub mod logging;
+pub mod ops;
 pub mod orchestrator;
 pub mod passwd;
 pub mod run;

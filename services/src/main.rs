@@ -1,6 +1,6 @@
 //! The `edgebus` command line.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use edgebus_runtime::metrics::{Metrics, MetricsServer};
+use edgebus_runtime::systemd::{self, Supervisor};
 use edgebus_services::bench::{self, BenchOptions, Spawned, Target};
 use edgebus_services::config::TopicsFile;
+use edgebus_services::ops::{broker_status, BrokerCollector, Hooks};
 use edgebus_services::run;
 
 /// edgebus: an MQTT message bus for many small services on one small host.
@@ -30,7 +33,7 @@ enum Cmd {
     /// Validates topics.toml; errors name file, line and key.
     CheckConfig {
         /// The topics.toml to check (default: the built-in defaults).
-        #[arg(short, long)]
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Adds or replaces a user in a mosquitto-format password file.
@@ -50,14 +53,17 @@ enum Cmd {
         /// The service.
         name: String,
         /// topics.toml (default: built-in defaults).
-        #[arg(short, long)]
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
         config: Option<PathBuf>,
         /// The broker, host:port (default: `bus.broker` of topics.toml).
-        #[arg(long)]
+        #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
         /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
         #[arg(long)]
         instance: Option<String>,
+        /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9184.
+        #[arg(long, env = "EDGEBUS_METRICS")]
+        metrics: Option<SocketAddr>,
     },
     /// Runs the discovery service (the registry, NO_RESPONDERS, the list endpoint).
     Discovery(PartArgs),
@@ -120,24 +126,30 @@ enum HealthCmd {
 #[derive(Debug, clap::Args)]
 struct PartArgs {
     /// topics.toml (default: built-in defaults).
-    #[arg(short, long)]
+    #[arg(short, long, env = "EDGEBUS_CONFIG")]
     config: Option<PathBuf>,
     /// The broker, host:port (default: `bus.broker` of topics.toml).
-    #[arg(long)]
+    #[arg(long, env = "EDGEBUS_BROKER")]
     broker: Option<String>,
     /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
     #[arg(long)]
     instance: Option<String>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9184.
+    #[arg(long, env = "EDGEBUS_METRICS")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
 struct BrokerArgs {
     /// topics.toml (default: built-in defaults, listening on 127.0.0.1:1883).
-    #[arg(short, long)]
+    #[arg(short, long, env = "EDGEBUS_CONFIG")]
     config: Option<PathBuf>,
     /// Overrides `broker.listen`, e.g. 0.0.0.0:1883 (port 0 picks a free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9183.
+    #[arg(long, env = "EDGEBUS_METRICS")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,9 +199,9 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(multicall_args(std::env::args_os()));
     // The bench prints a table; its in-process parts only speak up about trouble.
-    init_tracing(if matches!(cli.command, Cmd::Bench(_)) {
+    edgebus_services::logging::init(if matches!(cli.command, Cmd::Bench(_)) {
         "warn,rumqttd=off"
     } else {
         "info,rumqttd=off"
@@ -197,33 +209,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            tracing::error!("{e:#}");
             eprintln!("edgebus: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_tracing(default: &str) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
-    let filter = EnvFilter::try_from_env("EDGEBUS_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    // Under systemd the journal stamps each line itself.
-    let fmt = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        fmt.without_time().with_filter(filter).boxed()
-    } else {
-        fmt.with_filter(filter).boxed()
-    };
-    // The log filter above does not hide what the broker's lag layer reads.
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(edgebus_broker::lag::layer())
-        .init();
+/// Invoked through a link named after a built-in service (`/usr/lib/edgebus/services/echo`,
+/// as the `edgebus-service@echo` unit does), `edgebus` runs `edgebus service echo ARGS…`.
+fn multicall_args(args: std::env::ArgsOs) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.collect();
+    let name = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if edgebus_services::examples::BUILTIN.contains(&name.as_str()) {
+        args.splice(1..1, ["service".into(), name.into()]);
+    }
+    args
 }
 
 fn load(config: Option<&Path>) -> anyhow::Result<TopicsFile> {
@@ -242,11 +247,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             broker,
             instance,
-        } => {
-            let file = load(config.as_deref())?;
-            let options = run::service_options(&file, broker.as_deref(), &name, instance);
-            services_runtime()?.block_on(run::run_service(&name, &file, options, signal()))
-        }
+            metrics,
+        } => run_part(
+            &name,
+            PartArgs {
+                config,
+                broker,
+                instance,
+                metrics,
+            },
+        ),
         Cmd::Discovery(a) => run_part("discovery", a),
         Cmd::Orchestrator(a) => run_part("orchestrator", a),
         Cmd::Health {
@@ -332,22 +342,67 @@ fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     }
     let system_topic = format!("{}/system/broker", file.bus.prefix);
     let handle = edgebus_broker::Broker::start(file.broker, Some(system_topic))?;
+    let addr = handle.local_addr();
     // One stable line on stdout, for scripts and tests that start us on port 0.
-    println!("edgebus broker listening on {}", handle.local_addr());
+    println!("edgebus broker listening on {addr}");
     if let Some(ws) = handle.websocket_addr() {
         println!("edgebus websocket listening on {ws}");
     }
     std::io::stdout().flush().ok();
-    wait_for_signal()?;
-    tracing::info!("signal received; shutting down");
+    let rt = current_thread()?;
+    let result = rt.block_on(async {
+        let (metrics, _server) = serve_metrics(args.metrics).await?;
+        if let Some(m) = &metrics {
+            m.add(BrokerCollector(handle.counters()));
+        }
+        let prober = handle.prober();
+        let counters = handle.counters();
+        let supervisor = Supervisor::from_env()
+            .probe("broker", Box::new(move |budget| prober.probe(budget)))
+            .status(move || broker_status(addr, &counters.snapshot()))
+            .ready();
+        signal().await;
+        tracing::info!("signal received; shutting down");
+        supervisor.stopping("stopping: closing client connections");
+        Ok::<_, anyhow::Error>(())
+    });
+    drop(rt);
     handle.shutdown(Duration::from_millis(1500));
-    Ok(())
+    result
 }
 
+/// One part in this process: under systemd it sends READY=1 once connected and registered,
+/// and pings the watchdog while its runtime and bus loop are healthy.
 fn run_part(name: &str, a: PartArgs) -> anyhow::Result<()> {
     let file = load(a.config.as_deref())?;
     let options = run::service_options(&file, a.broker.as_deref(), name, a.instance);
-    services_runtime()?.block_on(run::run_service(name, &file, options, signal()))
+    services_runtime()?.block_on(async {
+        let (metrics, _server) = serve_metrics(a.metrics).await?;
+        let hooks = Hooks {
+            metrics,
+            systemd: true,
+            ready: None,
+        };
+        run::run_service(name, &file, options, signal(), hooks).await
+    })
+}
+
+/// Starts the `/metrics` endpoint when an address is given (inside a tokio runtime).
+async fn serve_metrics(
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<(Option<Metrics>, Option<MetricsServer>)> {
+    let Some(addr) = addr else {
+        return Ok((None, None));
+    };
+    let metrics = Metrics::default();
+    metrics.add(edgebus_services::ops::ProcessCollector);
+    let server = metrics
+        .serve(addr)
+        .await
+        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    println!("edgebus metrics on http://{}/metrics", server.local_addr());
+    std::io::stdout().flush().ok();
+    Ok((Some(metrics), Some(server)))
 }
 
 fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -382,6 +437,8 @@ async fn signal() {
 }
 
 /// `edgebus up`: the broker, then the services `[up]` lists, connected to it over loopback.
+/// Under systemd, READY=1 goes out once every part is connected and registered, and the
+/// watchdog is pinged while the broker, the services' runtime and every part's bus are healthy.
 fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     let mut file = load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
@@ -389,7 +446,8 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     }
     let system_topic = format!("{}/system/broker", file.bus.prefix);
     let handle = edgebus_broker::Broker::start(file.broker.clone(), Some(system_topic))?;
-    let mut addr = handle.local_addr();
+    let listen = handle.local_addr();
+    let mut addr = listen;
     println!("edgebus broker listening on {addr}");
     if let Some(ws) = handle.websocket_addr() {
         println!("edgebus websocket listening on {ws}");
@@ -400,27 +458,86 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     }
     let rt = services_runtime()?;
     let result = rt.block_on(async {
+        let (metrics, _server) = serve_metrics(args.metrics).await?;
+        if let Some(m) = &metrics {
+            m.add(BrokerCollector(handle.counters()));
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         let mut parts = vec!["discovery".to_owned(), "health-monitor".to_owned()];
         if !file.saga.is_empty() {
             parts.push("orchestrator".to_owned());
         }
-        for name in parts.into_iter().chain(file.up.services.clone()) {
+        parts.extend(file.up.services.clone());
+        let count = parts.len();
+        for name in parts {
             let options = run::service_options(&file, Some(&addr.to_string()), &name, None);
             let file = file.clone();
             let mut stop = stop_rx.clone();
+            let hooks = Hooks {
+                metrics: metrics.clone(),
+                systemd: false,
+                ready: Some(ready_tx.clone()),
+            };
             tasks.push(tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = run::run_service(&name, &file, options, stopped).await {
+                if let Err(e) = run::run_service(&name, &file, options, stopped, hooks).await {
                     tracing::error!(service = %name, "{e:#}");
                 }
             }));
         }
-        signal().await;
+        drop(ready_tx);
+        let signalled = signal();
+        tokio::pin!(signalled);
+        let mut ready = Vec::new();
+        let all_ready = async {
+            while ready.len() < count {
+                match ready_rx.recv().await {
+                    Some(s) => ready.push(s),
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        let mut supervisor = None;
+        tokio::select! {
+            _ = all_ready => {
+                let prober = handle.prober();
+                let counters = handle.counters();
+                let services = ready.clone();
+                let mut sup = Supervisor::from_env()
+                    .probe("broker", Box::new(move |budget| prober.probe(budget)))
+                    .probe("runtime", systemd::runtime_probe(tokio::runtime::Handle::current()));
+                for s in &ready {
+                    sup = sup.probe(s.name().to_owned(), systemd::bus_probe(s.bus()));
+                }
+                let sup = sup.status(move || {
+                    let names: Vec<String> = services
+                        .iter()
+                        .map(|s| {
+                            let t = s.total_stats();
+                            let up = if s.bus().is_connected() { "" } else { " RECONNECTING" };
+                            format!("{}{up} {}/{}", s.name(), t.requests, t.errors)
+                        })
+                        .collect();
+                    format!(
+                        "{}; parts (requests/errors): {}",
+                        broker_status(listen, &counters.snapshot()),
+                        names.join(", ")
+                    )
+                });
+                tracing::info!(parts = count, "all parts ready");
+                supervisor = Some(sup.ready());
+                signalled.await;
+            }
+            _ = &mut signalled => {}
+        }
         tracing::info!("signal received; shutting down");
+        if let Some(s) = supervisor {
+            s.stopping("stopping: parts first, then the broker");
+        }
         let _ = stop_tx.send(true);
         for t in tasks {
             let _ = t.await;
@@ -430,25 +547,6 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     drop(rt);
     handle.shutdown(Duration::from_millis(1500));
     result
-}
-
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("signal runtime")?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok::<_, std::io::Error>(())
-    })?;
-    Ok(())
 }
 
 fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {

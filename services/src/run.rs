@@ -12,6 +12,7 @@ use edgebus_runtime::wire::{timestamp, ReplyBody};
 
 use crate::config::TopicsFile;
 use crate::examples;
+use crate::ops::Hooks;
 
 /// Bus options for one instance of `service`, from topics.toml and an optional broker override.
 pub fn service_options(
@@ -28,12 +29,14 @@ pub fn service_options(
 
 /// Runs the built-in service `name` until `stop` completes: connects (retrying with backoff
 /// while the broker is away), starts serving, prints `edgebus service NAME ready as INSTANCE`
-/// on stdout once its subscriptions are active, and stops cleanly.
+/// on stdout once its subscriptions are active (and runs `hooks`: metrics, systemd READY and
+/// watchdog), and stops cleanly.
 pub async fn run_service(
     name: &str,
     file: &TopicsFile,
     options: BusOptions,
     stop: impl Future<Output = ()>,
+    hooks: Hooks,
 ) -> anyhow::Result<()> {
     let bus = Bus::connect(options)?;
     tokio::pin!(stop);
@@ -48,15 +51,31 @@ pub async fn run_service(
             }
         }
     };
+    let mut supervisor = None;
     tokio::select! {
         _ = ready => {
             println!("edgebus service {name} ready as {}", service.instance());
             std::io::stdout().flush().ok();
+            tracing::info!(service = name, instance = service.instance(), "ready");
+            if let Some(m) = &hooks.metrics {
+                m.add_service(&service);
+            }
+            if hooks.systemd {
+                supervisor = Some(edgebus_runtime::systemd::service_supervisor(&service).ready());
+            }
+            if let Some(tx) = &hooks.ready {
+                let _ = tx.send(service.clone());
+            }
         }
         _ = &mut stop => {}
     }
     stop.await;
     tracing::info!(service = name, "stopping");
+    if let Some(s) = supervisor {
+        s.stopping(&format!(
+            "{name}: stopping; answering the requests already taken"
+        ));
+    }
     service.stop(Duration::from_secs(2)).await;
     bus.close(Duration::from_secs(1)).await;
     Ok(())
