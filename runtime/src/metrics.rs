@@ -485,10 +485,20 @@ impl Collector for ServicesCollector {
     }
 }
 
-/// Cumulative buckets with the `+Inf` bucket Prometheus requires.
-fn with_inf(mut buckets: Vec<(f64, u64)>, count: u64) -> Vec<(f64, u64)> {
-    buckets.push((f64::INFINITY, count));
-    buckets
+/// The encoder's buckets: per-bucket counts (it accumulates them), ending with the `+Inf`
+/// bucket (`f64::MAX` to the encoder).
+fn with_inf(cumulative: Vec<(f64, u64)>, count: u64) -> Vec<(f64, u64)> {
+    let mut below = 0;
+    let mut out: Vec<(f64, u64)> = cumulative
+        .into_iter()
+        .map(|(bound, c)| {
+            let n = c.saturating_sub(below);
+            below = below.max(c);
+            (bound, n)
+        })
+        .collect();
+    out.push((f64::MAX, count.saturating_sub(below)));
+    out
 }
 
 #[cfg(test)]
@@ -519,6 +529,37 @@ mod tests {
         assert!(text.contains("test_things_total{kind=\"a\"} 3"), "{text}");
         assert!(text.contains("test_things_total{kind=\"b\"} 4"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn histogram_encodes_cumulative_buckets_and_inf() {
+        let st = crate::stats::EndpointStats::default();
+        for ms in [1, 2, 3, 40, 20_000] {
+            st.start();
+            st.finish(Duration::from_millis(ms), true);
+        }
+        let (sum, count, b) = st.latency_histogram(&[0.0025, 0.05]);
+        let mut out = String::new();
+        let mut registry = Registry::default();
+        #[derive(Debug)]
+        struct H(f64, u64, Vec<(f64, u64)>);
+        impl Collector for H {
+            fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+                let mut m = e.encode_descriptor("h_seconds", "h", None, MetricType::Histogram)?;
+                m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    self.0,
+                    self.1,
+                    &with_inf(self.2.clone(), self.1),
+                    None,
+                )
+            }
+        }
+        registry.register_collector(Box::new(H(sum, count, b)));
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(out.contains("h_seconds_bucket{le=\"0.0025\"} 2\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{le=\"0.05\"} 4\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("h_seconds_count 5\n"), "{out}");
     }
 
     #[test]

@@ -180,10 +180,15 @@ impl Bus {
         } else {
             None
         };
+        let mut correlation = String::new();
         let Some(policy) = policy else {
-            return self.attempts(topic, &payload, options, None).await;
+            return self
+                .attempts(topic, &payload, options, None, &mut correlation)
+                .await;
         };
-        let result = self.attempts(topic, &payload, options, Some(&policy)).await;
+        let result = self
+            .attempts(topic, &payload, options, Some(&policy), &mut correlation)
+            .await;
         let failure = match &result {
             Ok(r) if !r.success => r.error.clone(),
             Ok(_) | Err(RequestError::CircuitOpen { .. }) => None,
@@ -191,7 +196,8 @@ impl Bus {
         };
         if let (Some(error), Some(retry)) = (failure, &policy.retry) {
             if retry.max_attempts > 1 {
-                self.dead_letter_request(topic, &payload, &error).await;
+                self.dead_letter_request(topic, &payload, &error, &correlation)
+                    .await;
             }
         }
         result
@@ -203,8 +209,10 @@ impl Bus {
         payload: &Bytes,
         options: &RequestOptions,
         policy: Option<&TargetPolicy>,
+        correlation: &mut String,
     ) -> Result<ReplyBody, RequestError> {
         let (guard, mut rx) = self.expect_reply().ok_or(RequestError::NoReplyTopic)?;
+        correlation.clone_from(&guard.id);
         let started = Instant::now();
         let deadline = started + options.timeout;
         let deadline_ms = now_ms() + options.timeout.as_millis() as u64;
@@ -258,14 +266,14 @@ impl Bus {
             let again = code.is_some_and(|c| retry.retries_code(c))
                 && attempt < retry.max_attempts
                 && !matches!(outcome, Err(RequestError::Bus(BusError::Closed)));
-            if !again {
-                return outcome;
-            }
             let delay = retry.delay(attempt);
-            if Instant::now() + delay >= deadline {
+            if !again || Instant::now() + delay >= deadline {
+                if let Some(code) = code {
+                    tracing::debug!(target = name, correlation_id = %guard.id, attempts = attempt, code = %code, "request failed");
+                }
                 return outcome;
             }
-            tracing::debug!(target = name, attempt, code = ?code, delay_ms = delay.as_millis() as u64, "retrying request");
+            tracing::debug!(target = name, correlation_id = %guard.id, attempt, code = ?code, delay_ms = delay.as_millis() as u64, "retrying request");
             self.counters()
                 .request_retries
                 .fetch_add(1, Ordering::Relaxed);
@@ -314,13 +322,19 @@ impl Bus {
     }
 
     /// Publishes a request that failed after its retries to this client's dead letters.
-    async fn dead_letter_request(&self, topic: &str, payload: &[u8], error: &ErrorBody) {
+    async fn dead_letter_request(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        error: &ErrorBody,
+        correlation: &str,
+    ) {
         let (service, instance) = match &self.options().presence {
             Some(p) => (p.service.as_str(), p.instance.as_str()),
             None => (self.client_id(), self.client_id()),
         };
         let letter = crate::service::dead_letter_body(service, instance, topic, payload, error);
-        tracing::warn!(topic, code = %error.code, error = %error.message, "request failed after its retries; dead letter published");
+        tracing::warn!(topic, correlation_id = correlation, code = %error.code, error = %error.message, "request failed after its retries; dead letter published");
         self.counters().dead_letters.fetch_add(1, Ordering::Relaxed);
         let to = format!("{}/system/deadletter/{service}", self.prefix());
         let _ = self

@@ -874,8 +874,8 @@ impl EndpointCtx {
                         }
                         Claim::Answered(encoded) => {
                             self.stats.duplicate();
-                            tracing::debug!(endpoint = %self.spec.name, "duplicate request; reply sent again");
-                            self.publish_reply(&encoded).await;
+                            tracing::debug!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, "duplicate request; reply sent again");
+                            self.publish_reply(&encoded, &reply.request_id).await;
                             return;
                         }
                         // Returns when the first copy's handler is done (its sender dropped).
@@ -911,8 +911,13 @@ impl EndpointCtx {
             }
             _ => None,
         };
-        if let Err(e) = &result {
-            tracing::debug!(endpoint = %self.spec.name, code = %e.code, error = %e.message, "request failed");
+        match &result {
+            Err(e) => {
+                tracing::debug!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, code = %e.code, error = %e.message, took_us = started.elapsed().as_micros() as u64, "request failed")
+            }
+            Ok(_) => {
+                tracing::debug!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, took_us = started.elapsed().as_micros() as u64, "request served")
+            }
         }
         let encoded = Arc::new(self.encode(&reply, result));
         if let (Some((key, done)), Some(dedupe)) = (claimed, &self.dedupe) {
@@ -920,9 +925,9 @@ impl EndpointCtx {
             drop(done);
         }
         // The caller waits for the reply; the dead letter is for operators, so it goes second.
-        self.publish_reply(&encoded).await;
+        self.publish_reply(&encoded, &reply.request_id).await;
         if let Some(e) = letter {
-            self.dead_letter(&msg, &e).await;
+            self.dead_letter(&msg, &e, &reply.request_id).await;
         }
         self.stats.finish(started.elapsed(), ok);
     }
@@ -1022,7 +1027,7 @@ impl EndpointCtx {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
-                tracing::error!(service = %self.service.name, endpoint = %self.spec.name, panic = %what, "handler panicked");
+                tracing::error!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, panic = %what, "handler panicked");
                 Err(ServiceError::internal(format!("handler panicked: {what}")))
             }
             Ok(Ok(r)) => r,
@@ -1089,7 +1094,7 @@ impl EndpointCtx {
         (topic, Bytes::from(payload), opts)
     }
 
-    async fn publish_reply(&self, encoded: &Encoded) {
+    async fn publish_reply(&self, encoded: &Encoded, correlation: &str) {
         let (topic, payload, opts) = &**encoded;
         if let Err(e) = self
             .service
@@ -1097,11 +1102,11 @@ impl EndpointCtx {
             .publish(topic, payload.clone(), opts.clone())
             .await
         {
-            tracing::warn!(endpoint = %self.spec.name, topic, error = %e, "reply not sent");
+            tracing::warn!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = correlation, topic, error = %e, "reply not sent");
         }
     }
 
-    async fn dead_letter(&self, msg: &Message, error: &ErrorBody) {
+    async fn dead_letter(&self, msg: &Message, error: &ErrorBody, correlation: &str) {
         let letter = dead_letter_body(
             &self.service.name,
             &self.service.instance,
@@ -1111,6 +1116,8 @@ impl EndpointCtx {
         );
         tracing::warn!(
             service = %self.service.name,
+            endpoint = %self.spec.name,
+            correlation_id = correlation,
             topic = %msg.topic,
             code = %error.code,
             error = %error.message,

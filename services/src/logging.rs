@@ -80,6 +80,14 @@ pub fn init(default: &str) {
             Ok(l) => Some(
                 l.with_field_prefix(None)
                     .with_syslog_identifier("edgebus".into())
+                    // syslog's usual reading: info is 6, debug 7 (`journalctl -p info`).
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        error: tracing_journald::Priority::Error,
+                        warn: tracing_journald::Priority::Warning,
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        trace: tracing_journald::Priority::Debug,
+                    })
                     .with_filter(filter()),
             ),
             Err(e) => {

@@ -106,6 +106,12 @@ impl Proc {
         }
     }
 
+    /// Waits for `edgebus service … ready as …` on stdout and returns the process.
+    pub fn expect_ready(self) -> Proc {
+        self.expect_line("ready as", Duration::from_secs(10));
+        self
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")

@@ -5,6 +5,7 @@ mod broker;
 mod faults;
 mod harness;
 mod health;
+mod ops;
 mod presence;
 mod runtime;
 mod saga;
