@@ -273,8 +273,8 @@ pub(crate) fn birth_record(
     })
 }
 
+/// The host's name, from gethostname(2): /proc/sys is hidden from hardened units
+/// (`ProcSubset=pid`), the system call is not.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
+    gethostname::gethostname().to_string_lossy().into_owned()
 }

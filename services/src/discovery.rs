@@ -226,7 +226,7 @@ pub async fn start(
 }
 
 async fn emit(bus: &Bus, topic: &str, event: &str, e: &Entry, reason: &str) {
-    tracing::info!(event, service = %e.service, instance = %e.instance, reason, "discovery");
+    tracing::info!(event, service = %e.service, instance = %e.instance, reason, "{} {}: {event} ({reason})", e.service, e.instance);
     let body = json!({
         "event": event,
         "service": e.service,

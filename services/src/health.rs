@@ -466,7 +466,7 @@ impl Ctx {
     async fn announce(&self, transitions: Vec<Transition>) {
         let mut touched = Vec::new();
         for (service, instance, from, to, reason) in transitions {
-            tracing::info!(%service, %instance, from = from.as_str(), to = to.as_str(), %reason, "health");
+            tracing::info!(%service, %instance, from = from.as_str(), to = to.as_str(), %reason, "{service} {instance}: {} → {} ({reason})", from.as_str(), to.as_str());
             let alert = json!({
                 "service": service,
                 "instance": instance,
