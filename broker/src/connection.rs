@@ -253,9 +253,16 @@ where
             keep_alive = connect.keep_alive,
             "connected"
         );
-        let run = AssertUnwindSafe(conn.run(&mut stream, &mut rbuf, &mut link_rx, &claim))
-            .catch_unwind()
-            .await;
+        // Boxed: the serving loop's state is the largest part of this future, and an
+        // unboxed one would be allocated (and copied) for every socket, CONNECT or not.
+        let run = AssertUnwindSafe(Box::pin(conn.run(
+            &mut stream,
+            &mut rbuf,
+            &mut link_rx,
+            &claim,
+        )))
+        .catch_unwind()
+        .await;
         end = match run {
             Ok(end) => end,
             Err(_) => End::Protocol("connection task panicked".into()),

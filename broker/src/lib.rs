@@ -52,7 +52,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub use config::{BrokerConfig, ByteSize};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{set_heap_trimmer, Stats, StatsSnapshot};
 
 /// Starting the broker failed.
 #[derive(Debug, thiserror::Error)]

@@ -144,17 +144,33 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-/// Hands freed heap memory back to the OS. glibc keeps what a burst of connections or
-/// messages allocated long after it is freed; trimming after the burst brings RSS back down.
+/// How the heap is trimmed: glibc's `malloc_trim` unless the program's allocator registered
+/// its own way ([`set_heap_trimmer`]).
+static TRIMMER: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers how to hand freed memory back to the OS, for a program with its own global
+/// allocator (the `edgebus` binary uses jemalloc and purges its arenas).
+pub fn set_heap_trimmer(trim: fn()) {
+    let _ = TRIMMER.set(trim);
+}
+
+/// Hands freed heap memory back to the OS, after a burst of connections or messages.
+pub(crate) fn trim_heap() {
+    match TRIMMER.get() {
+        Some(trim) => trim(),
+        None => glibc_trim(),
+    }
+}
+
+/// glibc keeps what a burst allocated long after it is freed; trimming gives it back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-pub(crate) fn trim_heap() {
+fn glibc_trim() {
     // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
     }
 }
 
-/// Hands freed heap memory back to the OS (no-op where glibc is not the allocator).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub(crate) fn trim_heap() {}
+fn glibc_trim() {}

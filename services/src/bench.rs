@@ -108,16 +108,74 @@ pub struct Row {
     pub name: String,
     /// The value, formatted.
     pub value: String,
+    /// The headline number of `value` (its first number), for ratios.
+    pub figure: Option<f64>,
+    /// Whether more is better, less is better, or it is only informative.
+    pub better: Better,
+    /// Whether the figure lost messages (a `got/want` with got < want).
+    pub lossy: bool,
+}
+
+/// Which way a figure is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Throughput, rates.
+    Higher,
+    /// Latency, memory.
+    Lower,
+    /// Counts that explain other figures.
+    Info,
+}
+
+/// The first number in `s` (digits, `.`, `,` separators ignored).
+pub fn first_number(s: &str) -> Option<f64> {
+    let start = s.find(|c: char| c.is_ascii_digit())?;
+    let num: String = s[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+        .filter(|c| *c != ',')
+        .collect();
+    num.parse().ok()
+}
+
+/// Whether `s` reports a `got/want` with got < want.
+fn reports_loss(s: &str) -> bool {
+    s.split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+        .filter_map(|w| w.split_once('/'))
+        .any(|(a, b)| match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(a), Ok(b)) => a < b,
+            _ => false,
+        })
 }
 
 /// Runs every scenario against one broker.
 pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mut push = |name: &str, r: anyhow::Result<String>| {
+    let mut push_as = |name: &str, better: Better, r: anyhow::Result<String>| {
+        let (value, figure) = match r {
+            Ok(v) => {
+                let f = first_number(&v);
+                (v, f)
+            }
+            Err(e) => (format!("error: {e:#}"), None),
+        };
         rows.push(Row {
             name: name.to_owned(),
-            value: r.unwrap_or_else(|e| format!("error: {e:#}")),
+            lossy: reports_loss(&value),
+            value,
+            figure,
+            better,
         });
+    };
+    let mut push = |name: &str, r: anyhow::Result<String>| {
+        let better = if name.contains("/s") || name.contains("rate") {
+            Better::Higher
+        } else if name.contains("duplicated") || name.contains("journal bytes") {
+            Better::Info
+        } else {
+            Better::Lower
+        };
+        push_as(name, better, r)
     };
     let rss_idle = target.pid.map(rss).transpose();
     if opts.wants("rtt") {
@@ -134,10 +192,15 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             "runtime request/response QoS 1 p50 / p99 / p999",
             runtime_round_trip(target.addr, opts).await,
         );
-        push(
-            &format!("runtime requests/s, one echo, {RUNTIME_CONCURRENCY} in flight"),
-            runtime_throughput(target.addr, opts).await,
-        );
+        for instances in [1, 2] {
+            push(
+                &format!(
+                    "runtime requests/s, {instances} echo instance{}, {RUNTIME_CONCURRENCY} in flight",
+                    if instances == 1 { "" } else { "s" }
+                ),
+                runtime_throughput(target.addr, opts, instances).await,
+            );
+        }
     }
     if opts.wants("fan") {
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
@@ -198,13 +261,21 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
     if let (Some(pid), Ok(Some(idle))) = (target.pid, rss_idle) {
         push("RSS idle (KiB)", Ok(idle.to_string()));
         push(
-            &format!(
-                "RSS per idle connection at {} (bytes)",
-                opts.idle_connections
-            ),
-            idle_memory(target.addr, pid, opts).await,
+            "RSS after the load above, at once (KiB)",
+            rss(pid).map(|k| k.to_string()),
         );
-        push("RSS after load (KiB)", rss(pid).map(|k| k.to_string()));
+        // The broker trims its heap after 2 s of quiet; this is what it keeps.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        push(
+            "RSS after the load above, 3 s later (KiB)",
+            rss(pid).map(|k| k.to_string()),
+        );
+        for n in [opts.idle_connections, opts.idle_connections * 10] {
+            push(
+                &format!("RSS per idle connection, {n} held (bytes)"),
+                idle_memory(target.addr, pid, n).await,
+            );
+        }
         push(
             &format!("RSS after {} distinct topics (KiB)", opts.topics),
             distinct_topics(target.addr, pid, opts).await,
@@ -397,24 +468,36 @@ const RUNTIME_CONCURRENCY: usize = 32;
 
 /// An in-process `echo` service and a runtime client on `addr`, both synced.
 async fn runtime_pair(addr: SocketAddr) -> anyhow::Result<(Bus, Bus, Service)> {
+    let (mut servers, client) = runtime_set(addr, 1).await?;
+    let (server, service) = servers.remove(0);
+    Ok((server, client, service))
+}
+
+/// `n` in-process `echo` instances (each on its own connection) and a runtime client, synced.
+async fn runtime_set(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<(Bus, Service)>, Bus)> {
     let run = run_id();
     let file = TopicsFile::default();
-    let server = Bus::connect(BusOptions::for_service(
-        addr.to_string(),
-        "edge",
-        "echo",
-        Some(format!("bench-echo-{run}")),
-    ))?;
-    let service = echo::start(&file, &server).await?;
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let server = Bus::connect(BusOptions::for_service(
+            addr.to_string(),
+            "edge",
+            "echo",
+            Some(format!("bench-echo-{run}-{i}")),
+        ))?;
+        let service = echo::start(&file, &server).await?;
+        if !server.sync(Duration::from_secs(5)).await {
+            bail!("runtime bus did not connect");
+        }
+        servers.push((server, service));
+    }
     let mut o = BusOptions::new(addr.to_string(), format!("bench-client-{run}"));
     o.reply_topic = Some(format!("edge/system/reply/bench-client-{run}"));
     let client = Bus::connect(o)?;
-    for bus in [&server, &client] {
-        if !bus.sync(Duration::from_secs(5)).await {
-            bail!("runtime bus did not connect");
-        }
+    if !client.sync(Duration::from_secs(5)).await {
+        bail!("runtime bus did not connect");
     }
-    Ok((server, client, service))
+    Ok((servers, client))
 }
 
 async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<String> {
@@ -443,8 +526,12 @@ async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Re
     percentiles(&hist, failed, "failed")
 }
 
-async fn runtime_throughput(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<String> {
-    let (server, client, service) = runtime_pair(addr).await?;
+async fn runtime_throughput(
+    addr: SocketAddr,
+    opts: &BenchOptions,
+    instances: usize,
+) -> anyhow::Result<String> {
+    let (servers, client) = runtime_set(addr, instances).await?;
     let total = (opts.messages / 2).max(RUNTIME_CONCURRENCY);
     let topic = client.request_topic("echo/echo");
     let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
@@ -478,10 +565,18 @@ async fn runtime_throughput(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Re
         failed += f;
     }
     let secs = t0.elapsed().as_secs_f64();
-    service.stop(Duration::ZERO).await;
+    let mut served = Vec::new();
+    for (server, service) in servers {
+        served.push(service.total_stats().requests);
+        service.stop(Duration::ZERO).await;
+        server.close(Duration::from_millis(200)).await;
+    }
     client.close(Duration::from_millis(200)).await;
-    server.close(Duration::from_millis(200)).await;
     let mut s = format!("{:.0} req/s ({ok} answered", ok as f64 / secs);
+    if served.len() > 1 {
+        let split: Vec<String> = served.iter().map(u64::to_string).collect();
+        s.push_str(&format!(", split {}", split.join(" + ")));
+    }
     if failed > 0 {
         s.push_str(&format!(", {failed} failed"));
     }
@@ -648,18 +743,41 @@ async fn connection_rate(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Resul
     ))
 }
 
-async fn idle_memory(addr: SocketAddr, pid: u32, opts: &BenchOptions) -> anyhow::Result<String> {
+async fn idle_memory(addr: SocketAddr, pid: u32, n: usize) -> anyhow::Result<String> {
+    raise_fd_limit(n + 256);
     let before = rss(pid)?;
     let run = run_id();
-    let mut held = Vec::with_capacity(opts.idle_connections);
-    for i in 0..opts.idle_connections {
-        held.push(open_connected(addr, &format!("idle-{run}-{i}")).await?);
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        held.push(
+            open_connected(addr, &format!("idle-{run}-{i}"))
+                .await
+                .with_context(|| format!("connection {} of {n}", i + 1))?,
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss(pid)?;
     drop(held);
-    let per = (after.saturating_sub(before) * 1024) / opts.idle_connections.max(1) as u64;
+    // Let the broker close them before the next scenario.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per = (after.saturating_sub(before) * 1024) / n.max(1) as u64;
     Ok(format!("{per} B/conn ({before} → {after} KiB)"))
+}
+
+/// Raises this process's open-file limit to at least `n` (up to the hard limit).
+#[allow(unsafe_code)]
+pub fn raise_fd_limit(n: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && (lim.rlim_cur as usize) < n {
+            lim.rlim_cur = (n as libc::rlim_t).min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 async fn distinct_topics(
@@ -729,46 +847,191 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Prints the figures of one or more brokers side by side.
-pub fn print_table(targets: &[Target], results: &[Vec<Row>]) {
-    let Some(first) = results.first() else {
-        return;
-    };
-    let w0 = first
-        .iter()
-        .map(|r| r.name.len())
-        .max()
-        .unwrap_or(10)
-        .max(8);
-    let widths: Vec<usize> = results
-        .iter()
-        .zip(targets)
-        .map(|(rows, t)| {
-            rows.iter()
-                .map(|r| r.value.chars().count())
-                .max()
-                .unwrap_or(0)
-                .max(t.name.len())
-        })
-        .collect();
-    print!("| {:w0$} |", "scenario");
-    for (t, w) in targets.iter().zip(&widths) {
-        print!(" {:w$} |", t.name, w = *w);
-    }
-    println!();
-    print!("|{}|", "-".repeat(w0 + 2));
-    for w in &widths {
-        print!("{}|", "-".repeat(w + 2));
-    }
-    println!();
-    for (i, row) in first.iter().enumerate() {
-        print!("| {:w0$} |", row.name);
-        for (rows, w) in results.iter().zip(&widths) {
-            let v = rows.get(i).map_or("", |r| r.value.as_str());
-            print!(" {:w$} |", v, w = *w);
+/// A goal a figure is held to.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// edgebus ÷ the other broker at most this.
+    RatioAtMost(f64),
+    /// edgebus ÷ the other broker at least this, and nothing lost.
+    RatioAtLeastNoLoss(f64),
+    /// edgebus ÷ the other broker at least this.
+    RatioAtLeast(f64),
+    /// edgebus's own figure at most this.
+    AtMost(f64),
+    /// edgebus's figure at most this times its figure in the row named.
+    TimesRow(f64, &'static str),
+}
+
+fn goal_for(name: &str) -> Option<Goal> {
+    Some(if name.starts_with("round trip QoS") {
+        Goal::RatioAtMost(1.0)
+    } else if name.starts_with("fan-in") {
+        Goal::RatioAtLeastNoLoss(3.0)
+    } else if name.starts_with("fan-out") {
+        Goal::RatioAtLeastNoLoss(15.0)
+    } else if name.starts_with("connection rate") {
+        Goal::RatioAtLeast(1.0)
+    } else if name.starts_with("RSS per idle connection") {
+        Goal::AtMost(8192.0)
+    } else if name.starts_with("RSS after the load above, 3 s later") {
+        Goal::TimesRow(1.5, "RSS idle")
+    } else if name.starts_with("runtime request/response") {
+        Goal::TimesRow(1.5, "round trip QoS 1")
+    } else {
+        return None;
+    })
+}
+
+impl Goal {
+    fn describe(self) -> String {
+        match self {
+            Goal::RatioAtMost(r) => format!("≤ {r}×"),
+            Goal::RatioAtLeastNoLoss(r) => format!("≥ {r}×, none lost"),
+            Goal::RatioAtLeast(r) => format!("≥ {r}×"),
+            Goal::AtMost(v) => format!("≤ {v}"),
+            Goal::TimesRow(r, row) => format!("≤ {r}× {row}"),
         }
-        println!();
     }
+}
+
+/// One row of the side-by-side table: figures, the ratio of the first broker to the second,
+/// and the goal with whether it is met.
+struct Compared {
+    ratio: Option<f64>,
+    goal: Option<(String, Option<bool>)>,
+}
+
+fn compare(i: usize, results: &[Vec<Row>]) -> Compared {
+    let a = results.first().and_then(|r| r.get(i));
+    let b = results.get(1).and_then(|r| r.get(i));
+    let ratio = match (a.and_then(|r| r.figure), b.and_then(|r| r.figure)) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
+    };
+    let goal = a.and_then(|row| {
+        let g = goal_for(&row.name)?;
+        let met = match g {
+            Goal::RatioAtMost(r) => ratio.map(|x| x <= r),
+            Goal::RatioAtLeast(r) => ratio.map(|x| x >= r),
+            Goal::RatioAtLeastNoLoss(r) => ratio.map(|x| x >= r && !row.lossy),
+            Goal::AtMost(v) => row.figure.map(|x| x <= v),
+            Goal::TimesRow(r, other) => {
+                let base = results[0]
+                    .iter()
+                    .find(|o| o.name.starts_with(other))
+                    .and_then(|o| o.figure);
+                match (row.figure, base) {
+                    (Some(x), Some(y)) if y > 0.0 => Some(x <= r * y),
+                    _ => None,
+                }
+            }
+        };
+        Some((g.describe(), met))
+    });
+    Compared { ratio, goal }
+}
+
+/// The figures as a Markdown table: one column per broker; with two brokers, the first's
+/// figure divided by the second's, and each goal with whether the first broker meets it.
+pub fn markdown_table(targets: &[Target], results: &[Vec<Row>]) -> String {
+    let mut out = String::new();
+    let Some(first) = results.first() else {
+        return out;
+    };
+    let two = targets.len() == 2;
+    out.push_str("| scenario |");
+    for t in targets {
+        out.push_str(&format!(" {} |", t.name));
+    }
+    if two {
+        out.push_str(&format!(
+            " {} ÷ {} | goal | met |",
+            targets[0].name, targets[1].name
+        ));
+    }
+    out.push('\n');
+    out.push_str("|---|");
+    for _ in targets {
+        out.push_str("---|");
+    }
+    if two {
+        out.push_str("---|---|---|");
+    }
+    out.push('\n');
+    for (i, row) in first.iter().enumerate() {
+        out.push_str(&format!("| {} |", row.name));
+        for rows in results {
+            let v = rows.get(i).map_or("", |r| r.value.as_str());
+            out.push_str(&format!(" {v} |"));
+        }
+        if two {
+            let c = compare(i, results);
+            let ratio = c
+                .ratio
+                .filter(|_| row.better != Better::Info)
+                .map_or(String::new(), |r| format!("{r:.2}×"));
+            let (goal, met) = match c.goal {
+                Some((g, Some(true))) => (g, "yes"),
+                Some((g, Some(false))) => (g, "**no**"),
+                Some((g, None)) => (g, "?"),
+                None => (String::new(), ""),
+            };
+            out.push_str(&format!(" {ratio} | {goal} | {met} |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The machine and versions a run was made on, as Markdown lines.
+pub fn environment(targets: &[Target]) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(first_number))
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/debian_version")
+        .map(|v| format!("Debian {}", v.trim()))
+        .unwrap_or_else(|_| "Linux".into());
+    let mosquitto = std::process::Command::new("mosquitto")
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let mut s = format!(
+        "- machine: {cpu}, {cores} cores, {:.1} GiB, {os}, Linux {}\n- edgebus {} (release build), rumqttd 0.20, rumqttc 0.25 clients with TCP_NODELAY\n",
+        mem_kib / (1024.0 * 1024.0),
+        kernel.trim(),
+        env!("CARGO_PKG_VERSION"),
+    );
+    if targets.iter().any(|t| t.name == "mosquitto") && !mosquitto.is_empty() {
+        s.push_str(&format!(
+            "- {mosquitto}, `set_tcp_nodelay true`, `max_connections -1`\n"
+        ));
+    }
+    s.push_str(&format!(
+        "- run at {at}, all brokers in the same run, loopback\n"
+    ));
+    s
+}
+
+/// Prints the figures of one or more brokers side by side (Markdown).
+pub fn print_table(targets: &[Target], results: &[Vec<Row>]) {
+    print!("{}", markdown_table(targets, results));
 }
 
 /// The saga scenario: a 3-step saga over an in-process `kv` (each step a put), journaled to a

@@ -193,12 +193,45 @@ struct BenchArgs {
     /// Trials of the failure-detection scenario (SIGKILL, SIGSTOP, NO_RESPONDERS); 0 skips it.
     #[arg(long, default_value_t = 5)]
     detect_trials: usize,
+    /// Also write the table, with the machine and versions, to this Markdown file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
     /// Only these scenario groups (comma-separated): rtt, runtime, fan, connect, memory, detect.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
     only: Vec<String>,
 }
 
+/// jemalloc: memory a connection reserves but never touches (rumqttd sizes several queues per
+/// connection up front) costs address space, not RSS, and freed memory goes back to the OS.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings for a small host: two arenas instead of four per core, and dirty pages
+/// returned to the OS after a second instead of ten (`MALLOC_CONF` still overrides).
+#[allow(unsafe_code, non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 47] = b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
+/// Returns every arena's unused dirty pages to the OS (the broker calls it once it is quiet).
+#[allow(unsafe_code)]
+fn purge_arenas() {
+    // "arena.<MALLCTL_ARENAS_ALL>.purge" takes and returns nothing.
+    let name = b"arena.4096.purge\0";
+    // SAFETY: a valid NUL-terminated mallctl name, and null pointers for a control that
+    // neither reads nor writes a value.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    edgebus_broker::set_heap_trimmer(purge_arenas);
     let cli = Cli::parse_from(multicall_args(std::env::args_os()));
     // The bench prints a table; its in-process parts only speak up about trouble.
     edgebus_services::logging::init(if matches!(cli.command, Cmd::Bench(_)) {
@@ -549,10 +582,20 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     result
 }
 
-fn spawn_embedded() -> anyhow::Result<(Spawned, SocketAddr)> {
+fn spawn_embedded(max_connections: usize) -> anyhow::Result<(Spawned, SocketAddr)> {
     let exe = std::env::current_exe()?;
+    // The defaults, but for as many connections as the memory scenario holds.
+    let dir = std::env::temp_dir().join(format!("edgebus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("topics.toml");
+    std::fs::write(
+        &conf,
+        format!("[broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n"),
+    )?;
     let mut child = Command::new(exe)
-        .args(["broker", "--listen", "127.0.0.1:0"])
+        .arg("broker")
+        .arg("-c")
+        .arg(&conf)
         .env("EDGEBUS_LOG", "error,rumqttd=off")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -604,8 +647,11 @@ fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr)> {
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut targets = Vec::new();
     let mut children = Vec::new();
+    // Brokers started here inherit the limit: enough for the largest idle-connection count.
+    let most = args.idle_connections * 10;
+    bench::raise_fd_limit(most + 1024);
     if args.embedded {
-        let (child, addr) = spawn_embedded()?;
+        let (child, addr) = spawn_embedded(most + 64)?;
         targets.push(Target {
             name: "edgebus".into(),
             addr,
@@ -655,6 +701,15 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     bench::print_table(&targets, &results);
     drop(children);
+    if let Some(path) = &args.markdown {
+        let text = format!(
+            "{}\n{}",
+            bench::environment(&targets),
+            bench::markdown_table(&targets, &results)
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
 
