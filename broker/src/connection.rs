@@ -150,7 +150,7 @@ where
         Err(e) => {
             bump(&shared.stats.protocol_errors);
             warn!(reason = %e, "malformed CONNECT; closing");
-            refuse(&mut stream, version, Refusal::Malformed).await;
+            Box::pin(refuse(&mut stream, version, Refusal::Malformed)).await;
             return;
         }
     };
@@ -165,7 +165,7 @@ where
         if !connect.clean_session {
             bump(&shared.stats.refused);
             warn!("empty client id with a persistent session; refusing");
-            refuse(&mut stream, version, Refusal::BadClientId).await;
+            Box::pin(refuse(&mut stream, version, Refusal::BadClientId)).await;
             return;
         }
         client_id = format!("auto-{:016x}", random_u64());
@@ -173,7 +173,7 @@ where
         bump(&shared.stats.refused);
         tracing::Span::current().record("client_id", client_id.as_str());
         warn!(reason = why, "invalid client id; refusing");
-        refuse(&mut stream, version, Refusal::BadClientId).await;
+        Box::pin(refuse(&mut stream, version, Refusal::BadClientId)).await;
         return;
     }
     tracing::Span::current().record("client_id", client_id.as_str());
@@ -188,7 +188,7 @@ where
                 user = login.as_ref().map(|l| l.username.as_str()),
                 "authentication failed; refusing"
             );
-            refuse(&mut stream, version, refusal).await;
+            Box::pin(refuse(&mut stream, version, refusal)).await;
             return;
         }
     };
@@ -202,13 +202,13 @@ where
             max_connections = cfg.max_connections,
             "connection limit reached; refusing"
         );
-        refuse(&mut stream, version, Refusal::Busy).await;
+        Box::pin(refuse(&mut stream, version, Refusal::Busy)).await;
         return;
     }
     bump(&shared.stats.connections_total);
 
     // 5. Take the client id over from any earlier connection, then join the router.
-    let claim = shared.sessions.claim(&client_id).await;
+    let claim = Box::pin(shared.sessions.claim(&client_id)).await;
     let clean = connect.clean_session;
     let slot = clean.then(|| shared.sessions.take_slot());
     let router_name = match slot {
@@ -216,11 +216,14 @@ where
         None => persistent_name(&client_id),
     };
     let alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
+    // The error as text at once: rumqttd's LinkError carries a whole connection (kilobytes),
+    // which would otherwise sit in this future, for every connection, for its whole life.
     let joined = (shared.links)(
         &router_name,
         clean,
         if version == Version::V5 { alias_max } else { 0 },
-    );
+    )
+    .map_err(|e| e.to_string());
 
     let mut end = End::Router("not joined".into());
     let mut conn_will = will.map(|w| (w, will_props));
@@ -270,15 +273,13 @@ where
         // After DISCONNECT the router already dropped the connection.
         if conn.router_open && !matches!(end, End::Disconnect { .. }) {
             // Tell the router the client is gone (it saves a persistent session).
-            let _ = conn
-                .link_tx
-                .send(Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                ))
-                .await;
+            let _ = Box::pin(conn.link_tx.send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            )))
+            .await;
         }
         if !matches!(end, End::Disconnect { .. } | End::TakenOver | End::Shutdown) {
             // Best effort: the server closes, so tell an MQTT 5 client why.
@@ -289,12 +290,16 @@ where
                     _ => DisconnectReasonCode::UnspecifiedError,
                 };
                 conn.disconnect_v5(code);
-                let _ = timeout(Duration::from_millis(100), stream.write_all(&conn.out)).await;
+                let _ = Box::pin(timeout(
+                    Duration::from_millis(100),
+                    stream.write_all(&conn.out),
+                ))
+                .await;
             }
         }
     } else if let Err(e) = joined {
         warn!(error = %e, "router refused the connection");
-        refuse(&mut stream, version, Refusal::Busy).await;
+        Box::pin(refuse(&mut stream, version, Refusal::Busy)).await;
     }
 
     match &end {
