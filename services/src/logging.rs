@@ -55,6 +55,9 @@ pub fn detect() -> Format {
     }
     if stderr_is_journal() {
         Format::Journal
+    } else if std::io::stderr().is_terminal() {
+        // A terminal, even one whose shell inherited systemd's variables (a desktop session).
+        Format::Terminal
     } else if std::env::var_os("JOURNAL_STREAM").is_some()
         || std::env::var_os("INVOCATION_ID").is_some()
     {

@@ -48,7 +48,7 @@ enum Cmd {
     },
     /// Measures brokers: round trips, fan-in, fan-out, connection rate, memory.
     Bench(BenchArgs),
-    /// Runs one built-in service (echo, hostmetrics) against any MQTT broker.
+    /// Runs one built-in service (echo, hostmetrics, kv) against any MQTT 5 broker.
     Service {
         /// The service.
         name: String,
@@ -81,10 +81,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// topics.toml (default: built-in defaults).
-        #[arg(short, long)]
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
         config: Option<PathBuf>,
         /// The broker, host:port (default: `bus.broker` of topics.toml).
-        #[arg(long)]
+        #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
     },
     /// The registry: every service instance, online and offline.
@@ -93,10 +93,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// topics.toml (default: built-in defaults).
-        #[arg(short, long)]
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
         config: Option<PathBuf>,
         /// The broker, host:port (default: `bus.broker` of topics.toml).
-        #[arg(long)]
+        #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
     },
     /// Sends one request and prints the reply; exit status 0 when it succeeded.
@@ -106,10 +106,10 @@ enum Cmd {
         /// The request, JSON (default: {}).
         payload: Option<String>,
         /// topics.toml (default: built-in defaults).
-        #[arg(short, long)]
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
         config: Option<PathBuf>,
         /// The broker, host:port (default: `bus.broker` of topics.toml).
-        #[arg(long)]
+        #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
         /// How long to wait for the reply.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -196,7 +196,7 @@ struct BenchArgs {
     /// Also write the table, with the machine and versions, to this Markdown file.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Only these scenario groups (comma-separated): rtt, runtime, fan, connect, memory, detect.
+    /// Only these scenario groups (comma-separated): rtt, runtime, fan, connect, memory, detect, saga.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
     only: Vec<String>,
 }
@@ -242,8 +242,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("edgebus: {e:#}");
+            // Once: to the journal with fields, or as a plain line on stderr.
+            if edgebus_services::logging::detect() == edgebus_services::logging::Format::Journal {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("edgebus: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -497,6 +501,7 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut tasks = Vec::new();
         let mut parts = vec!["discovery".to_owned(), "health-monitor".to_owned()];
         if !file.saga.is_empty() {
@@ -513,16 +518,18 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
                 systemd: false,
                 ready: Some(ready_tx.clone()),
             };
+            let failed = failed_tx.clone();
             tasks.push(tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
                 if let Err(e) = run::run_service(&name, &file, options, stopped, hooks).await {
-                    tracing::error!(service = %name, "{e:#}");
+                    let _ = failed.send(format!("{name}: {e:#}"));
                 }
             }));
         }
         drop(ready_tx);
+        drop(failed_tx);
         let signalled = signal();
         tokio::pin!(signalled);
         let mut ready = Vec::new();
@@ -535,7 +542,11 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
             }
         };
         let mut supervisor = None;
+        let mut failure = None;
         tokio::select! {
+            // A part that cannot start (its contract, its journal) fails the whole bus: under
+            // systemd that is a failed start with the reason, not a wait for READY.
+            Some(why) = failed_rx.recv() => failure = Some(why),
             _ = all_ready => {
                 let prober = handle.prober();
                 let counters = handle.counters();
@@ -567,7 +578,9 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
             }
             _ = &mut signalled => {}
         }
-        tracing::info!("signal received; shutting down");
+        if failure.is_none() {
+            tracing::info!("signal received; shutting down");
+        }
         if let Some(s) = supervisor {
             s.stopping("stopping: parts first, then the broker");
         }
@@ -575,7 +588,10 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
         for t in tasks {
             let _ = t.await;
         }
-        Ok::<_, anyhow::Error>(())
+        match failure {
+            Some(why) => Err(anyhow!("a part did not start: {why}")),
+            None => Ok::<_, anyhow::Error>(()),
+        }
     });
     drop(rt);
     handle.shutdown(Duration::from_millis(1500));

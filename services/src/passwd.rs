@@ -43,10 +43,13 @@ pub fn run(file: &Path, user: &str, password: Option<String>) -> anyhow::Result<
     Ok(())
 }
 
-/// Writes through a temporary file and a rename, mode 0600: never a half-written file.
+/// Writes through a temporary file and a rename: never a half-written file. A new file gets
+/// mode 0600; an existing one keeps its owner, group and mode (e.g. root:edgebus 0640, so that
+/// the broker's unit can still read it).
 fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let keep = std::fs::metadata(file).ok();
     let tmp = file.with_extension("tmp-edgebus");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -55,6 +58,11 @@ fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(text.as_bytes())?;
+    if let Some(m) = keep {
+        // Only root may give a file away; for anyone else the owner is already right.
+        let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+        f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
     f.sync_all()?;
     std::fs::rename(&tmp, file)
 }
