@@ -376,14 +376,16 @@ pub fn service_status(service: &Service) -> String {
         format!("RECONNECTING to {}", bus.options().broker)
     };
     let endpoints = service.spec().endpoints.len();
-    let mut line = format!(
-        "{} {}: {conn}; {endpoints} endpoint{}, {} requests, {} errors",
-        service.name(),
-        service.instance(),
-        if endpoints == 1 { "" } else { "s" },
-        s.requests,
-        s.errors,
-    );
+    let mut line = format!("{} {}: {conn}", service.name(), service.instance());
+    // Parts without endpoints (the health monitor, the orchestrator) have no requests to count.
+    if endpoints > 0 {
+        line.push_str(&format!(
+            "; {endpoints} endpoint{}, {} requests, {} errors",
+            if endpoints == 1 { "" } else { "s" },
+            s.requests,
+            s.errors,
+        ));
+    }
     if s.requests > 0 {
         line.push_str(&format!(", p99 {:.1} ms", s.p99_ms));
     }
