@@ -450,31 +450,7 @@ fn journal_lines_carry_service_endpoint_and_correlation_id() {
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let broker = Broker::start();
-    let mut cmd = edgebus();
-    cmd.args(["service", "echo", "--broker", &broker.addr.to_string()])
-        .env("EDGEBUS_LOG_FORMAT", "journal")
-        .env("EDGEBUS_LOG", "debug,rumqttd=off,rumqttc=off");
-    let _svc = Proc::spawn(cmd).expect_ready();
-    let id = format!("corr-{}", std::process::id());
-    let (ok, out) = rr(
-        &broker.port(),
-        &[
-            "-t",
-            "edge/echo/echo/request",
-            "-e",
-            "t/journal",
-            "-m",
-            "{}",
-            "-D",
-            "publish",
-            "correlation-data",
-            &id,
-            "-W",
-            "3",
-        ],
-    );
-    assert!(ok, "{out}");
+    let (_broker, _svc, id) = echo_request_logged_to_journal();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = vec![0u8; 65536];
     let mut seen = Vec::new();
@@ -507,12 +483,38 @@ fn journal_lines_carry_service_endpoint_and_correlation_id() {
 
 /// The same check against a live journald, read back with journalctl.
 fn journal_via_journalctl() {
+    let (_broker, _svc, id) = echo_request_logged_to_journal();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("journalctl")
+            .args([
+                "-o",
+                "cat",
+                "--output-fields=SERVICE",
+                &format!("CORRELATION_ID={id}"),
+            ])
+            .output()
+            .expect("journalctl");
+        if String::from_utf8_lossy(&out.stdout).contains("request served") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journalctl found no entry for {id}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A broker and an echo service logging to the journal at debug level, and one request sent to
+/// it with a fresh correlation id (returned; keep the broker and service while reading).
+fn echo_request_logged_to_journal() -> (Broker, Proc, String) {
     let broker = Broker::start();
     let mut cmd = edgebus();
     cmd.args(["service", "echo", "--broker", &broker.addr.to_string()])
         .env("EDGEBUS_LOG_FORMAT", "journal")
         .env("EDGEBUS_LOG", "debug,rumqttd=off,rumqttc=off");
-    let _svc = Proc::spawn(cmd).expect_ready();
+    let svc = Proc::spawn(cmd).expect_ready();
     let id = format!(
         "corr-{}-{}",
         std::process::id(),
@@ -536,24 +538,5 @@ fn journal_via_journalctl() {
         ],
     );
     assert!(ok, "{out}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let out = std::process::Command::new("journalctl")
-            .args([
-                "-o",
-                "cat",
-                "--output-fields=SERVICE",
-                &format!("CORRELATION_ID={id}"),
-            ])
-            .output()
-            .expect("journalctl");
-        if String::from_utf8_lossy(&out.stdout).contains("request served") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "journalctl found no entry for {id}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    (broker, svc, id)
 }
