@@ -28,8 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::BusStats;
 use crate::policy::CircuitState;
 use crate::service::Service;
+use crate::stats::EndpointSnapshot;
 
 /// Upper bounds of the handling-time histogram buckets, seconds.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -261,95 +263,83 @@ impl Collector for ServicesCollector {
             self.0.iter().map(|s| (svc(s), s.uptime().as_secs_f64())),
         )?;
 
-        // The bus of each service.
-        let stats: Vec<_> = self.0.iter().map(|s| (svc(s), s.bus().stats())).collect();
-        let bus = |name: &str, help: &str, kind, f: &dyn Fn(&crate::bus::BusStats) -> f64| {
+        // The bus of each service: one family per counter.
+        type BusRow = (&'static str, &'static str, MetricType, fn(&BusStats) -> f64);
+        let bus_rows: [BusRow; 12] = [
             (
-                name.to_owned(),
-                help.to_owned(),
-                kind,
-                stats
-                    .iter()
-                    .map(|(l, s)| (l.clone(), f(s)))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let families = [
-            bus(
                 "edgebus_bus_connected",
                 "1 while the connection to the broker is up.",
                 Gauge,
-                &|s| f64::from(u8::from(s.connected)),
+                |s| f64::from(u8::from(s.connected)),
             ),
-            bus(
+            (
                 "edgebus_bus_connects",
                 "Successful connects to the broker, the first included.",
                 Counter,
-                &|s| s.connects as f64,
+                |s| s.connects as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_published",
                 "Messages handed to the connection.",
                 Counter,
-                &|s| s.published as f64,
+                |s| s.published as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_publish_failed",
                 "Publishes that failed (queue full, too large, closed).",
                 Counter,
-                &|s| s.publish_failed as f64,
+                |s| s.publish_failed as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_republished",
                 "Messages published again after a reconnect.",
                 Counter,
-                &|s| s.republished as f64,
+                |s| s.republished as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_requeue_dropped",
                 "Messages dropped from the reconnect queue because it was full.",
                 Counter,
-                &|s| s.requeue_dropped as f64,
+                |s| s.requeue_dropped as f64,
             ),
-            bus(
-                "edgebus_bus_received",
-                "Messages received.",
-                Counter,
-                &|s| s.received as f64,
-            ),
-            bus(
+            ("edgebus_bus_received", "Messages received.", Counter, |s| {
+                s.received as f64
+            }),
+            (
                 "edgebus_bus_dropped_incoming",
                 "Messages dropped because a subscription's buffer was full.",
                 Counter,
-                &|s| s.dropped_incoming as f64,
+                |s| s.dropped_incoming as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_skipped_at_broker",
                 "Messages for this client the broker skipped because it fell behind.",
                 Counter,
-                &|s| s.skipped_at_broker as f64,
+                |s| s.skipped_at_broker as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_request_retries",
                 "Requests sent again by a retry policy.",
                 Counter,
-                &|s| s.request_retries as f64,
+                |s| s.request_retries as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_circuit_rejected",
                 "Requests failed at once because the target's circuit was open.",
                 Counter,
-                &|s| s.circuit_rejected as f64,
+                |s| s.circuit_rejected as f64,
             ),
-            bus(
+            (
                 "edgebus_bus_dead_letters",
                 "Requests dead-lettered after their retries.",
                 Counter,
-                &|s| s.dead_letters as f64,
+                |s| s.dead_letters as f64,
             ),
         ];
-        for (name, help, kind, samples) in families {
-            family(&mut e, &name, &help, kind, samples)?;
+        let stats: Vec<_> = self.0.iter().map(|s| (svc(s), s.bus().stats())).collect();
+        for (name, help, kind, value) in bus_rows {
+            let samples = stats.iter().map(|(l, s)| (l.clone(), value(s)));
+            family(&mut e, name, help, kind, samples)?;
         }
 
         // Endpoints.
@@ -372,58 +362,53 @@ impl Collector for ServicesCollector {
             .iter()
             .map(|(l, st)| (l.clone(), st.snapshot()))
             .collect();
-        let ep =
-            |name: &str, help: &str, kind, f: &dyn Fn(&crate::stats::EndpointSnapshot) -> u64| {
-                (
-                    name.to_owned(),
-                    help.to_owned(),
-                    kind,
-                    snaps
-                        .iter()
-                        .map(|(l, s)| (l.clone(), f(s) as f64))
-                        .collect::<Vec<_>>(),
-                )
-            };
-        let families = [
-            ep(
+        type EndpointRow = (
+            &'static str,
+            &'static str,
+            MetricType,
+            fn(&EndpointSnapshot) -> u64,
+        );
+        let endpoint_rows: [EndpointRow; 6] = [
+            (
                 "edgebus_endpoint_requests",
                 "Requests answered, successes and errors.",
                 Counter,
-                &|s| s.requests,
+                |s| s.requests,
             ),
-            ep(
+            (
                 "edgebus_endpoint_errors",
                 "Requests answered with an error.",
                 Counter,
-                &|s| s.errors,
+                |s| s.errors,
             ),
-            ep(
+            (
                 "edgebus_endpoint_rejected",
                 "Requests refused because the endpoint was saturated.",
                 Counter,
-                &|s| s.rejected,
+                |s| s.rejected,
             ),
-            ep(
+            (
                 "edgebus_endpoint_duplicates",
                 "Duplicate requests answered from the first copy's reply.",
                 Counter,
-                &|s| s.duplicates,
+                |s| s.duplicates,
             ),
-            ep(
+            (
                 "edgebus_endpoint_rate_limited",
                 "Requests answered RATE_LIMITED.",
                 Counter,
-                &|s| s.rate_limited,
+                |s| s.rate_limited,
             ),
-            ep(
+            (
                 "edgebus_endpoint_inflight",
                 "Requests being handled now.",
                 Gauge,
-                &|s| s.inflight,
+                |s| s.inflight,
             ),
         ];
-        for (name, help, kind, samples) in families {
-            family(&mut e, &name, &help, kind, samples)?;
+        for (name, help, kind, value) in endpoint_rows {
+            let samples = snaps.iter().map(|(l, s)| (l.clone(), value(s) as f64));
+            family(&mut e, name, help, kind, samples)?;
         }
         let mut m = e.encode_descriptor(
             "edgebus_endpoint_duration_seconds",

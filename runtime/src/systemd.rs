@@ -20,7 +20,6 @@
 use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -240,34 +239,25 @@ impl Supervisor {
                 notifier,
                 stop,
                 thread: None,
-                stopping: Arc::new(AtomicBool::new(false)),
             };
         }
         let status = self.status.as_ref().map_or_else(String::new, |s| s());
         notifier.ready(&status);
-        let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
-            let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("edgebus-watchdog".into())
-                .spawn(move || self.run(status, &stop, &stopping))
+                .spawn(move || self.run(status, &stop))
                 .ok()
         };
         SupervisorHandle {
             notifier,
             stop,
             thread,
-            stopping,
         }
     }
 
-    fn run(
-        self,
-        mut last_status: String,
-        stop: &(Mutex<bool>, std::sync::Condvar),
-        stopping: &AtomicBool,
-    ) {
+    fn run(self, mut last_status: String, stop: &(Mutex<bool>, std::sync::Condvar)) {
         let tick = self.watchdog.map_or(self.status_every, |w| {
             (w / 2).max(Duration::from_millis(10))
         });
@@ -285,7 +275,8 @@ impl Supervisor {
                     }
                 }
             }
-            if stopping.load(Ordering::Relaxed) {
+            // No ping after STOPPING=1, even when asked while the probes ran.
+            if *stop.0.lock().unwrap_or_else(|e| e.into_inner()) {
                 return;
             }
             match &problem {
@@ -339,7 +330,6 @@ pub struct SupervisorHandle {
     notifier: Notifier,
     stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
-    stopping: Arc<AtomicBool>,
 }
 
 impl SupervisorHandle {
@@ -350,7 +340,6 @@ impl SupervisorHandle {
     }
 
     fn end(&mut self) {
-        self.stopping.store(true, Ordering::Relaxed);
         let (lock, cvar) = &*self.stop;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cvar.notify_all();
@@ -422,6 +411,7 @@ pub async fn serve_service(service: &Service) -> SupervisorHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn notifies_a_socket_and_pings_only_while_healthy() {

@@ -151,23 +151,8 @@ fn reports_loss(s: &str) -> bool {
 /// Runs every scenario against one broker.
 pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mut push_as = |name: &str, better: Better, r: anyhow::Result<String>| {
-        let (value, figure) = match r {
-            Ok(v) => {
-                let f = first_number(&v);
-                (v, f)
-            }
-            Err(e) => (format!("error: {e:#}"), None),
-        };
-        rows.push(Row {
-            name: name.to_owned(),
-            lossy: reports_loss(&value),
-            value,
-            figure,
-            better,
-        });
-    };
     let mut push = |name: &str, r: anyhow::Result<String>| {
+        // Which way is better follows from what the row measures.
         let better = if name.contains("/s") || name.contains("rate") {
             Better::Higher
         } else if name.contains("duplicated") || name.contains("journal bytes") {
@@ -175,7 +160,17 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
         } else {
             Better::Lower
         };
-        push_as(name, better, r)
+        let value = r.unwrap_or_else(|e| format!("error: {e:#}"));
+        let figure = (!value.starts_with("error:"))
+            .then(|| first_number(&value))
+            .flatten();
+        rows.push(Row {
+            name: name.to_owned(),
+            lossy: reports_loss(&value),
+            value,
+            figure,
+            better,
+        });
     };
     let rss_idle = target.pid.map(rss).transpose();
     if opts.wants("rtt") {
