@@ -23,6 +23,15 @@ pub struct BrokerConfig {
     pub websocket: Option<SocketAddr>,
     /// Most client connections open at once; the next one gets a CONNACK refusal.
     pub max_connections: usize,
+    /// Most connections one authenticated user holds at once.
+    pub max_connections_per_user: usize,
+    /// Most anonymous connections from one IP address at once. On loopback, clients running
+    /// as the broker's own user (the bus's parts) are let in beyond it.
+    pub max_connections_per_address: usize,
+    /// Of `max_connections`, the last ones kept for authenticated clients and the broker's
+    /// own local user: anonymous clients of other users cannot take them. At most a quarter
+    /// of `max_connections` is reserved, whatever this says.
+    pub reserved_connections: usize,
     /// Largest packet a client may send (remaining length), and largest payload forwarded.
     pub max_payload: ByteSize,
     /// Most distinct subscription filters over the broker's lifetime. rumqttd keeps a log per
@@ -68,6 +77,9 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             websocket: None,
             max_connections: 1024,
+            max_connections_per_user: 256,
+            max_connections_per_address: 64,
+            reserved_connections: 32,
             max_payload: ByteSize(256 * 1024),
             max_filters: 4096,
             segment_size: ByteSize(256 * 1024),
@@ -125,6 +137,12 @@ impl BrokerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
+        }
+        if self.max_connections_per_user == 0 || self.max_connections_per_address == 0 {
+            return Err(
+                "max_connections_per_user and max_connections_per_address must be at least 1"
+                    .into(),
+            );
         }
         if self.max_payload.0 < 1024 {
             return Err("max_payload must be at least 1KiB".into());

@@ -16,7 +16,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,10 +33,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::acl::{self, Principal};
+use crate::acl::Principal;
+use crate::admission;
 use crate::frame::{self, kind, Check, Frame};
 use crate::sessions::persistent_name;
 use crate::stats::{add, bump};
+use crate::strict;
 use crate::system::SysMsg;
 use crate::Shared;
 use edgebus_runtime::policy::TokenBucket;
@@ -93,18 +94,23 @@ enum End {
     Shutdown,
     /// The router dropped the connection.
     Router(String),
+    /// The client read nothing for `write_timeout`.
+    Stalled(String),
 }
 
 /// Serves one accepted socket until it closes.
-pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+/// `local` and `peer` are the two ends of the TCP connection under `stream`.
+pub(crate) async fn serve<S>(stream: S, local: SocketAddr, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    serve_inner(stream, peer, shared).instrument(span).await;
+    serve_inner(stream, local, peer, shared)
+        .instrument(span)
+        .await;
 }
 
-async fn serve_inner<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>)
+async fn serve_inner<S>(mut stream: S, local: SocketAddr, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -145,6 +151,12 @@ where
             return;
         }
     };
+    if let Err(why) = strict::check(&rbuf, first, version == Version::V5) {
+        bump(&shared.stats.protocol_errors);
+        warn!(reason = %why, "CONNECT breaks the protocol; closing");
+        Box::pin(refuse(&mut stream, version, Refusal::Malformed)).await;
+        return;
+    }
     let packet = match version.decode(&mut rbuf, max) {
         Ok(p) => p,
         Err(e) => {
@@ -171,7 +183,7 @@ where
         client_id = format!("auto-{:016x}", random_u64());
     } else if let Err(why) = check_client_id(&client_id) {
         bump(&shared.stats.refused);
-        tracing::Span::current().record("client_id", client_id.as_str());
+        tracing::Span::current().record("client_id", clip(&client_id).as_ref());
         warn!(reason = why, "invalid client id; refusing");
         Box::pin(refuse(&mut stream, version, Refusal::BadClientId)).await;
         return;
@@ -185,7 +197,7 @@ where
             bump(&shared.stats.refused);
             warn!(
                 ?refusal,
-                user = login.as_ref().map(|l| l.username.as_str()),
+                user = login.as_ref().map(|l| clip(&l.username)).as_deref(),
                 "authentication failed; refusing"
             );
             Box::pin(refuse(&mut stream, version, refusal)).await;
@@ -193,28 +205,69 @@ where
         }
     };
 
-    // 4. Connection limit.
-    let open = shared.stats.connections.fetch_add(1, Relaxed);
-    if open >= cfg.max_connections as u64 {
-        shared.stats.connections.fetch_sub(1, Relaxed);
-        bump(&shared.stats.refused);
-        warn!(
-            max_connections = cfg.max_connections,
-            "connection limit reached; refusing"
-        );
-        Box::pin(refuse(&mut stream, version, Refusal::Busy)).await;
-        return;
+    // 4. The Last Will: the checks a PUBLISH to its topic would pass, now rather than when
+    // it fires, so that no client can publish through its will what it may not publish
+    // itself (a wildcard, a `$` topic, another user's topic).
+    if let Some(w) = &will {
+        let who = Principal {
+            user: user.as_deref(),
+            client_id: &client_id,
+        };
+        if let Err((refusal, why)) = check_will(&shared, who, w) {
+            bump(&shared.stats.refused);
+            warn!(
+                topic = %clip(&String::from_utf8_lossy(&w.topic)),
+                user = user.as_deref(),
+                reason = why,
+                "Last Will refused; refusing the connection"
+            );
+            Box::pin(refuse(&mut stream, version, refusal)).await;
+            return;
+        }
     }
+
+    // 5. Connection limits.
+    let holder = match &user {
+        Some(u) => admission::Holder::User(u.clone()),
+        None => admission::Holder::Address(peer.ip().to_canonical()),
+    };
+    let _slot = match shared
+        .admission
+        .admit(shared.limits, holder, &shared.stats, local, peer)
+    {
+        Ok(slot) => slot,
+        Err(full) => {
+            bump(&shared.stats.refused);
+            shared.refusals.note(peer.ip(), full.setting());
+            Box::pin(refuse(&mut stream, version, Refusal::Busy)).await;
+            return;
+        }
+    };
     bump(&shared.stats.connections_total);
 
-    // 5. Take the client id over from any earlier connection, then join the router.
-    let claim = Box::pin(shared.sessions.claim(&client_id)).await;
+    // 6. Take the client id over from an earlier connection of the same identity, then join
+    // the router.
+    let claim = match Box::pin(shared.sessions.claim(&client_id, user.as_deref())).await {
+        Ok(claim) => claim,
+        Err(_) => {
+            bump(&shared.stats.refused);
+            warn!(
+                user = user.as_deref(),
+                "client id is connected under another identity; refusing"
+            );
+            Box::pin(refuse(&mut stream, version, Refusal::NotAuthorized)).await;
+            return;
+        }
+    };
+    let session = persistent_name(&client_id, user.as_deref());
     let clean = connect.clean_session;
     let slot = clean.then(|| shared.sessions.take_slot());
     let router_name = match slot {
-        Some(n) => format!("c{n}"),
-        None => persistent_name(&client_id),
+        Some(n) => format!("{}c{n}", shared.router_prefix),
+        None => format!("{}{session}", shared.router_prefix),
     };
+    // Known before the router hears of the client: a resumed session may skip messages at once.
+    shared.names.insert(router_name.clone(), client_id.clone());
     let alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
     // The error as text at once: rumqttd's LinkError carries a whole connection (kilobytes),
     // which would otherwise sit in this future, for every connection, for its whole life.
@@ -246,8 +299,8 @@ where
             keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
             router_open: true,
             limits: Limits::new(&shared.config.rate_limit),
+            denied_log: Throttle::default(),
         };
-        shared.names.insert(router_name.clone(), client_id.clone());
         conn.connack(session_present, assigned.then(|| client_id.clone()));
         debug!(
             ?version,
@@ -270,6 +323,17 @@ where
             Ok(end) => end,
             Err(_) => End::Protocol("connection task panicked".into()),
         };
+        // The will is the connection's last publish, and counts against its rate limit.
+        if let Some((w, _)) = &conn_will {
+            if !conn.limits.admit(w.message.len()) {
+                bump(&shared.stats.rate_limited);
+                warn!(
+                    topic = %clip(&String::from_utf8_lossy(&w.topic)),
+                    "Last Will over the client's publish rate limit; not published"
+                );
+                conn_will = None;
+            }
+        }
         // After DISCONNECT the router already dropped the connection.
         if conn.router_open && !matches!(end, End::Disconnect { .. }) {
             // Tell the router the client is gone (it saves a persistent session).
@@ -307,6 +371,7 @@ where
             debug!(reason = ?end, "connection closed")
         }
         End::Closed(why) => debug!(reason = %why, "connection lost"),
+        End::Stalled(why) => warn!(reason = %why, "client stopped reading; closing"),
         End::Protocol(why) => {
             bump(&shared.stats.protocol_errors);
             warn!(reason = %why, "closing connection")
@@ -331,7 +396,7 @@ where
             .and_then(|p| p.delay_interval)
             .unwrap_or(0)
             .min(session_expiry);
-        publish_will(&shared, &client_id, will, will_props, delay);
+        publish_will(&shared, &session, will, will_props, delay);
     }
 
     // 7. Give back what this connection held.
@@ -342,13 +407,12 @@ where
         shared.sessions.give_slot(n);
     }
     shared.sessions.release(&client_id, claim.generation);
-    shared.stats.connections.fetch_sub(1, Relaxed);
     drop(claim.done);
 }
 
 fn publish_will(
     shared: &Arc<Shared>,
-    client_id: &str,
+    session: &str,
     will: LastWill,
     props: Option<LastWillProperties>,
     delay_s: u32,
@@ -374,9 +438,9 @@ fn publish_will(
         shared.sys.send(msg);
         return;
     }
-    let (generation, cancel) = shared.sessions.delay_will(client_id);
+    let (generation, cancel) = shared.sessions.delay_will(session);
     let shared = shared.clone();
-    let client_id = client_id.to_owned();
+    let session = session.to_owned();
     tokio::spawn(async move {
         tokio::select! {
             _ = cancel.cancelled() => {}
@@ -385,7 +449,7 @@ fn publish_will(
                 shared.sys.send(msg);
             }
         }
-        shared.sessions.will_done(&client_id, generation);
+        shared.sessions.will_done(&session, generation);
     });
 }
 
@@ -455,6 +519,7 @@ fn authenticate(
 #[derive(Debug, Clone, Copy)]
 enum Refusal {
     Malformed,
+    TopicInvalid,
     BadClientId,
     BadCredentials,
     NotAuthorized,
@@ -464,13 +529,15 @@ enum Refusal {
 /// Writes a refusing CONNACK by hand: rumqttd's 3.1.1 codec cannot write every code.
 async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, version: Version, why: Refusal) {
     let bytes: &[u8] = match (version, why) {
-        (Version::V311, Refusal::Malformed) => return,
+        // 3.1.1 has no code for these: the connection is closed [MQTT-3.1.4-1].
+        (Version::V311, Refusal::Malformed | Refusal::TopicInvalid) => return,
         (Version::V311, Refusal::BadClientId) => &[0x20, 2, 0, 0x02],
         (Version::V311, Refusal::Busy) => &[0x20, 2, 0, 0x03],
         (Version::V311, Refusal::BadCredentials) => &[0x20, 2, 0, 0x04],
         (Version::V311, Refusal::NotAuthorized) => &[0x20, 2, 0, 0x05],
         (Version::V5, Refusal::Malformed) => &[0x20, 3, 0, 0x81, 0],
         (Version::V5, Refusal::BadClientId) => &[0x20, 3, 0, 0x85, 0],
+        (Version::V5, Refusal::TopicInvalid) => &[0x20, 3, 0, 0x90, 0],
         (Version::V5, Refusal::BadCredentials) => &[0x20, 3, 0, 0x86, 0],
         (Version::V5, Refusal::NotAuthorized) => &[0x20, 3, 0, 0x87, 0],
         (Version::V5, Refusal::Busy) => &[0x20, 3, 0, 0x97, 0],
@@ -480,6 +547,59 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, version: Version, why: Re
         stream.flush().await
     })
     .await;
+}
+
+/// What a client sent, cut to a length fit for a log line (a client id or topic can be
+/// 64 KiB).
+pub(crate) fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 96;
+    if s.len() <= MAX {
+        return s.into();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+}
+
+/// Checks a Last Will as a PUBLISH to its topic would be checked.
+fn check_will(
+    shared: &Shared,
+    who: Principal<'_>,
+    will: &LastWill,
+) -> Result<(), (Refusal, &'static str)> {
+    let topic = strict::topic_name(&will.topic).map_err(|why| (Refusal::TopicInvalid, why))?;
+    if topic.starts_with('$') {
+        return Err((Refusal::NotAuthorized, "topics starting with `$` are reserved"));
+    }
+    if !shared.config.acl.can_publish(who, topic) {
+        return Err((Refusal::NotAuthorized, "denied by ACL"));
+    }
+    Ok(())
+}
+
+/// Lets a repeated event be logged at most once a second, with the count in between.
+#[derive(Default)]
+pub(crate) struct Throttle {
+    since: u64,
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    /// Counts one event; `Some(events since the last line, this one included)` when a line
+    /// is due.
+    pub fn tick(&mut self) -> Option<u64> {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
 }
 
 fn random_u64() -> u64 {
@@ -513,14 +633,15 @@ struct Conn {
     keep_alive: Duration,
     router_open: bool,
     limits: Limits,
+    /// Refused publishes not yet logged.
+    denied_log: Throttle,
 }
 
 /// A connection's publish rate limits, and the drops not yet logged.
 struct Limits {
     messages: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
-    dropped: u64,
-    logged: Option<Instant>,
+    log: Throttle,
 }
 
 impl Limits {
@@ -528,8 +649,7 @@ impl Limits {
         Limits {
             messages: config.messages.map(TokenBucket::new),
             bytes: config.bytes.map(TokenBucket::new),
-            dropped: 0,
-            logged: None,
+            log: Throttle::default(),
         }
     }
 
@@ -725,8 +845,8 @@ impl Conn {
             r = timeout(self.shared.config.write_timeout, write) => match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(End::Closed(e.to_string())),
-                Err(_) => return Err(End::Closed(format!(
-                    "client read nothing for {:?}", self.shared.config.write_timeout
+                Err(_) => return Err(End::Stalled(format!(
+                    "client read nothing for {:?} (write_timeout)", self.shared.config.write_timeout
                 ))),
             },
             _ = claim.kick.cancelled() => return Err(End::TakenOver),
@@ -757,6 +877,8 @@ impl Conn {
 
     fn on_frame(&mut self, f: Frame, rbuf: &mut BytesMut) -> Result<(), End> {
         let max = self.shared.config.max_payload.as_usize();
+        strict::check(rbuf, f, self.version == Version::V5)
+            .map_err(|why| End::Protocol(why.to_string()))?;
         match f.kind() {
             kind::PINGREQ => {
                 rbuf.advance(f.len());
@@ -878,11 +1000,8 @@ impl Conn {
             }
             publish.topic.clone()
         };
-        let topic =
-            std::str::from_utf8(&topic).map_err(|_| End::Protocol("topic is not UTF-8".into()))?;
-        if let Err(why) = acl::check_topic(topic) {
-            return Err(End::Protocol(format!("invalid topic name: {why}")));
-        }
+        let topic = strict::topic_name(&topic)
+            .map_err(|why| End::Protocol(format!("invalid topic name: {why} [MQTT-3.3.2-1]")))?;
         if topic.starts_with('$') {
             return self.deny_publish(qos, pkid, topic, "topics starting with `$` are reserved");
         }
@@ -901,19 +1020,12 @@ impl Conn {
     /// second per connection, and refused with "quota exceeded" to an MQTT 5 client.
     fn rate_limited(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), End> {
         bump(&self.shared.stats.rate_limited);
-        self.limits.dropped += 1;
-        if self
-            .limits
-            .logged
-            .map_or(true, |at| at.elapsed() >= Duration::from_secs(1))
-        {
+        if let Some(dropped) = self.limits.log.tick() {
             warn!(
-                topic,
-                dropped = self.limits.dropped,
+                topic = %clip(topic),
+                dropped,
                 "client over its publish rate limit; messages dropped"
             );
-            self.limits.dropped = 0;
-            self.limits.logged = Some(Instant::now());
         }
         self.refuse_publish(
             qos,
@@ -925,12 +1037,15 @@ impl Conn {
 
     fn deny_publish(&mut self, qos: u8, pkid: u16, topic: &str, why: &str) -> Result<(), End> {
         bump(&self.shared.stats.denied_publish);
-        warn!(
-            topic,
-            user = self.user.as_deref(),
-            reason = why,
-            "publish refused"
-        );
+        if let Some(more) = self.denied_log.tick() {
+            warn!(
+                topic = %clip(topic),
+                user = self.user.as_deref(),
+                reason = why,
+                refused_since_last_line = more,
+                "publish refused"
+            );
+        }
         self.refuse_publish(
             qos,
             pkid,
@@ -982,6 +1097,8 @@ impl Conn {
         let n = sub.filters.len();
         let mut verdicts = Vec::with_capacity(n);
         let mut keep = Vec::with_capacity(n);
+        // One log line per packet, however many filters it refuses.
+        let mut first_refused: Option<(String, &'static str)> = None;
         for mut f in sub.filters.drain(..) {
             match self.admit_filter(&f.path) {
                 Ok(router_path) => {
@@ -991,7 +1108,7 @@ impl Conn {
                 }
                 Err((code, why)) => {
                     bump(&self.shared.stats.denied_subscribe);
-                    warn!(filter = %f.path, user = self.user.as_deref(), reason = why, "subscription refused");
+                    first_refused.get_or_insert_with(|| (clip(&f.path).into_owned(), why));
                     verdicts.push(Some(if self.version == Version::V5 {
                         code
                     } else {
@@ -999,6 +1116,16 @@ impl Conn {
                     }));
                 }
             }
+        }
+        if let Some((filter, why)) = first_refused {
+            warn!(
+                refused = n - keep.len(),
+                of = n,
+                first = %filter,
+                reason = why,
+                user = self.user.as_deref(),
+                "subscriptions refused"
+            );
         }
         if keep.is_empty() {
             let return_codes = verdicts.into_iter().flatten().collect();
@@ -1039,7 +1166,7 @@ impl Conn {
                 "`$` topics are reserved (there is no $SYS tree; see the stats topic)",
             ));
         }
-        acl::check_filter(inner).map_err(|why| (invalid, why))?;
+        crate::acl::check_filter(inner).map_err(|why| (invalid, why))?;
         if !self
             .shared
             .config

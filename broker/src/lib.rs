@@ -22,12 +22,15 @@
 //! - [`stats`]: counters and the retained stats record.
 //! - `connection`: one client connection, from CONNECT to close.
 //! - `frame`: fixed-header parsing that runs before rumqttd's codecs.
+//! - `strict`: the specification's rules the codecs do not check, on a frame's bytes.
+//! - `admission`: connection limits per user and per address, and the reserve.
 //! - `listener`: accept loops (TCP, WebSocket).
 //! - [`lag`]: subscribers that fall behind, and the messages they skip.
 //! - `sessions`: client-id ownership, takeover and the router's names for clients.
 //! - `system`: the broker's own link, for wills and stats.
 
 pub mod acl;
+mod admission;
 pub mod auth;
 pub mod config;
 mod connection;
@@ -36,6 +39,7 @@ pub mod lag;
 mod listener;
 mod sessions;
 pub mod stats;
+mod strict;
 mod system;
 mod ws;
 
@@ -93,6 +97,12 @@ pub(crate) struct Shared {
     filters: Mutex<std::collections::HashSet<String>>,
     /// Connected clients by the router's name for them (for lag reports).
     names: dashmap::DashMap<String, String>,
+    /// Starts every router name of this broker's clients (a process may run two brokers,
+    /// and lag reports reach both).
+    router_prefix: String,
+    admission: Arc<admission::Admission>,
+    limits: admission::Limits,
+    refusals: admission::RefusalLog,
 }
 
 impl Shared {
@@ -185,7 +195,6 @@ impl Broker {
             let _guard = runtime.enter();
             Arc::new(Shared {
                 sys: system::spawn(sys_tx, sys_rx),
-                config,
                 passwords,
                 links,
                 sessions: sessions::Sessions::default(),
@@ -193,6 +202,20 @@ impl Broker {
                 shutdown: shutdown.clone(),
                 filters: Mutex::new(Default::default()),
                 names: Default::default(),
+                router_prefix: {
+                    static BROKERS: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    format!("b{}.", BROKERS.fetch_add(1, Relaxed))
+                },
+                admission: Default::default(),
+                limits: admission::Limits {
+                    total: config.max_connections,
+                    per_user: config.max_connections_per_user,
+                    per_address: config.max_connections_per_address,
+                    reserved: config.reserved_connections.min(config.max_connections / 4),
+                },
+                refusals: Default::default(),
+                config,
             })
         };
 
@@ -278,9 +301,14 @@ async fn report_lag(shared: Arc<Shared>, topic: Option<Bytes>) {
             s = skips.recv() => match s { Some(s) => s, None => return },
         };
         // Another broker's client, in a process that runs two.
-        let Some(client_id) = shared.names.get(&skip.router_name).map(|c| c.clone()) else {
+        let Some(own) = skip.router_name.strip_prefix(&shared.router_prefix) else {
             continue;
         };
+        // Counted even when the connection is already gone: then by the router's name.
+        let client_id = shared
+            .names
+            .get(&skip.router_name)
+            .map_or_else(|| own.to_owned(), |c| c.clone());
         shared.stats.slow_subscriber.fetch_add(skip.lost, Relaxed);
         // A shared filter as the client wrote it, without the router's group name.
         let filter = match skip.filter.strip_prefix("$share/") {

@@ -44,12 +44,15 @@ pub(crate) async fn accept_loop(
             debug!(error = %e, "set_nodelay failed");
         }
         let shared = shared.clone();
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
         match kind {
             Kind::Tcp => {
-                tracker.spawn(crate::connection::serve(stream, peer, shared));
+                tracker.spawn(crate::connection::serve(stream, local, peer, shared));
             }
             Kind::WebSocket => {
-                tracker.spawn(crate::ws::serve(stream, peer, shared));
+                tracker.spawn(crate::ws::serve(stream, local, peer, shared));
             }
         }
     }

@@ -4,7 +4,13 @@
 //! takeover logic publishes the wrong Last Will. So the broker does takeover itself, and gives
 //! the router a name of its own choosing: clean sessions borrow a slot name (`c17`) from a
 //! pool no larger than `max_connections`, which bounds the graveyard; persistent sessions keep
-//! a stable name derived from the client id, since the router holds their state.
+//! a stable name derived from the client id and the user, since the router holds their state.
+//!
+//! A session belongs to the identity that made it: the authenticated user, or "anonymous".
+//! A client id connected by one identity cannot be taken over by another (the CONNECT is
+//! refused as not authorized), and a persistent session is found again only by the identity
+//! that made it: the same client id under another user is another session, so no one ever
+//! resumes someone else's subscriptions or queued messages.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -17,6 +23,7 @@ use tracing::warn;
 
 /// A live connection's entry.
 struct Live {
+    owner: Option<String>,
     generation: u64,
     kick: CancellationToken,
     done: oneshot::Receiver<()>,
@@ -48,25 +55,37 @@ struct Slots {
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 impl Sessions {
-    /// Takes `client_id` for a new connection: kicks whoever holds it and waits (bounded) for
-    /// them to clean up, and cancels a delayed Last Will waiting for this id.
-    pub async fn claim(&self, client_id: &str) -> Claim {
-        if let Some((_, (_, will))) = self.pending_wills.remove(client_id) {
-            will.cancel();
-        }
+    /// Takes `client_id` for a new connection of `owner`: kicks whoever holds it and waits
+    /// (bounded) for them to clean up, and cancels a delayed Last Will of this session. Fails
+    /// (with nothing changed) when another identity holds the id.
+    pub async fn claim(&self, client_id: &str, owner: Option<&str>) -> Result<Claim, Foreign> {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kick = CancellationToken::new();
         let (done, done_rx) = oneshot::channel();
-        let old = self.live.insert(
-            client_id.to_owned(),
-            Live {
-                generation,
-                kick: kick.clone(),
-                done: done_rx,
-            },
-        );
+        let live = Live {
+            owner: owner.map(str::to_owned),
+            generation,
+            kick: kick.clone(),
+            done: done_rx,
+        };
+        let old = match self.live.entry(client_id.to_owned()) {
+            dashmap::Entry::Occupied(e) if e.get().owner.as_deref() != owner => {
+                return Err(Foreign)
+            }
+            dashmap::Entry::Occupied(mut e) => Some(e.insert(live)),
+            dashmap::Entry::Vacant(e) => {
+                e.insert(live);
+                None
+            }
+        };
+        if let Some((_, (_, will))) = self
+            .pending_wills
+            .remove(&persistent_name(client_id, owner))
+        {
+            will.cancel();
+        }
         if let Some(old) = old {
             old.kick.cancel();
             if tokio::time::timeout(TAKEOVER_WAIT, old.done).await.is_err() {
@@ -76,11 +95,11 @@ impl Sessions {
                 );
             }
         }
-        Claim {
+        Ok(Claim {
             generation,
             kick,
             done,
-        }
+        })
     }
 
     /// Gives up `client_id` if this connection still holds it.
@@ -89,15 +108,16 @@ impl Sessions {
             .remove_if(client_id, |_, l| l.generation == generation);
     }
 
-    /// Registers a delayed Last Will; returns its generation and the token that cancels it.
-    pub fn delay_will(&self, client_id: &str) -> (u64, CancellationToken) {
+    /// Registers a delayed Last Will of the session `session` (its [`persistent_name`]);
+    /// returns its generation and the token that cancels it.
+    pub fn delay_will(&self, session: &str) -> (u64, CancellationToken) {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = CancellationToken::new();
         if let Some((_, old)) = self
             .pending_wills
-            .insert(client_id.to_owned(), (generation, token.clone()))
+            .insert(session.to_owned(), (generation, token.clone()))
         {
             old.cancel();
         }
@@ -105,9 +125,9 @@ impl Sessions {
     }
 
     /// Forgets a delayed will once it fired.
-    pub fn will_done(&self, client_id: &str, generation: u64) {
+    pub fn will_done(&self, session: &str, generation: u64) {
         self.pending_wills
-            .remove_if(client_id, |_, (g, _)| *g == generation);
+            .remove_if(session, |_, (g, _)| *g == generation);
     }
 
     /// Borrows a router name for a clean session.
@@ -135,10 +155,19 @@ impl Sessions {
     }
 }
 
-/// The router's name for a persistent session: the client id with the characters the router
-/// refuses (`$`) escaped. Ids containing `/`, `+` or `#` never get this far.
-pub(crate) fn persistent_name(client_id: &str) -> String {
-    format!("p:{}", client_id.replace('%', "%25").replace('$', "%24"))
+/// A client id held by another identity.
+#[derive(Debug)]
+pub(crate) struct Foreign;
+
+/// The router's name for a persistent session of `owner`: the client id (and the user, if
+/// any) with the characters the router refuses (`$`) and the separator escaped. Ids
+/// containing `/`, `+` or `#` never get this far.
+pub(crate) fn persistent_name(client_id: &str, owner: Option<&str>) -> String {
+    let esc = |s: &str| s.replace('%', "%25").replace('$', "%24").replace(':', "%3A");
+    match owner {
+        None => format!("p:{}", esc(client_id)),
+        Some(user) => format!("p:{}:{}", esc(client_id), esc(user)),
+    }
 }
 
 #[cfg(test)]
@@ -148,13 +177,14 @@ mod tests {
     #[tokio::test]
     async fn takeover_kicks_and_waits() {
         let s = Sessions::default();
-        let first = s.claim("a").await;
+        let first = s.claim("a", None).await.expect("free");
         let kick = first.kick.clone();
         let waiter = tokio::spawn(async move {
             kick.cancelled().await;
             drop(first.done);
         });
-        let second = s.claim("a").await;
+        assert!(s.claim("a", Some("mallory")).await.is_err(), "another identity");
+        let second = s.claim("a", None).await.expect("same identity");
         waiter.await.expect("join");
         assert_ne!(second.generation, 0);
         s.release("a", 0);
@@ -171,6 +201,11 @@ mod tests {
         s.give_slot(a);
         s.give_slot(b);
         assert_eq!(s.take_slot(), a);
-        assert_eq!(persistent_name("x$y%"), "p:x%24y%25");
+        assert_eq!(persistent_name("x$y%", None), "p:x%24y%25");
+        assert_eq!(persistent_name("a:b", Some("c")), "p:a%3Ab:c");
+        assert_ne!(
+            persistent_name("a:b", Some("c")),
+            persistent_name("a", Some("b:c"))
+        );
     }
 }

@@ -23,7 +23,12 @@ use crate::Shared;
 
 // The callback's error type is tungstenite's, not ours.
 #[allow(clippy::result_large_err)]
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub(crate) async fn serve(
+    stream: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
     let select_mqtt = |req: &Request, mut resp: Response| {
         let offers_mqtt = req
             .headers()
@@ -40,7 +45,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     };
     let handshake = tokio_tungstenite::accept_hdr_async(stream, select_mqtt);
     match tokio::time::timeout(shared.config.connect_timeout, handshake).await {
-        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), peer, shared).await,
+        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), local, peer, shared).await,
         Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
         Err(_) => info!(%peer, "no websocket handshake within {:?}", shared.config.connect_timeout),
     }

@@ -164,14 +164,13 @@ impl Outgoing {
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
-
-        // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
-            return None;
-        }
-
+        // edgebus: acknowledgements may come in any order (MQTT 5 §4.6 orders only what the
+        // sender sends); an unknown one is None, and the caller ignores it.
+        let at = self
+            .inflight_buffer
+            .iter()
+            .position(|(p, _, _)| *p == pkid)?;
+        self.inflight_buffer.remove(at);
         Some(())
     }
 
@@ -186,14 +185,9 @@ impl Outgoing {
     // But we don't support out of order / unsolicited pubcomps
     // to be consistent with the behaviour with other acks
     pub fn register_pubcomp(&mut self, pkid: u16) -> Option<()> {
-        let id = self.unacked_pubrels.pop_front()?;
-
-        // out of order acks
-        if pkid != id {
-            error!(pkid, id, "out of order ack.");
-            return None;
-        }
-
+        // edgebus: in any order, as register_ack.
+        let at = self.unacked_pubrels.iter().position(|p| *p == pkid)?;
+        self.unacked_pubrels.remove(at);
         Some(())
     }
 
