@@ -81,12 +81,10 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.stats.connections.fetch_sub(1, Relaxed);
-        self.admission
-            .held
-            .remove_if_mut(&self.holder, |_, n| {
-                *n -= 1;
-                *n == 0
-            });
+        self.admission.held.remove_if_mut(&self.holder, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
     }
 }
 
@@ -217,14 +215,20 @@ mod tests {
         let anon = |ip: &str| Holder::Address(ip.parse().expect("ip"));
         let mut held = Vec::new();
         for _ in 0..4 {
-            held.push(a.admit(LIMITS, anon("10.0.0.2"), &open, local, far).expect("slot"));
+            held.push(
+                a.admit(LIMITS, anon("10.0.0.2"), &open, local, far)
+                    .expect("slot"),
+            );
         }
         assert_eq!(
             a.admit(LIMITS, anon("10.0.0.2"), &open, local, far).err(),
             Some(Full::Address)
         );
         for _ in 0..4 {
-            held.push(a.admit(LIMITS, anon("10.0.0.3"), &open, local, far).expect("slot"));
+            held.push(
+                a.admit(LIMITS, anon("10.0.0.3"), &open, local, far)
+                    .expect("slot"),
+            );
         }
         // 8 open: the last 2 are the reserve.
         assert_eq!(
@@ -232,8 +236,14 @@ mod tests {
             Some(Full::Reserved)
         );
         let user = Holder::User("alice".into());
-        held.push(a.admit(LIMITS, user.clone(), &open, local, far).expect("reserve"));
-        held.push(a.admit(LIMITS, user.clone(), &open, local, far).expect("reserve"));
+        held.push(
+            a.admit(LIMITS, user.clone(), &open, local, far)
+                .expect("reserve"),
+        );
+        held.push(
+            a.admit(LIMITS, user.clone(), &open, local, far)
+                .expect("reserve"),
+        );
         assert_eq!(
             a.admit(LIMITS, user.clone(), &open, local, far).err(),
             Some(Full::Broker)
@@ -258,8 +268,8 @@ mod tests {
     #[test]
     fn this_process_owns_its_own_loopback_socket() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .expect("connect");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_server, peer) = listener.accept().expect("accept");
         let local = client.peer_addr().expect("peer");
         assert!(is_own_user(local, peer));

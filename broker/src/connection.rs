@@ -571,7 +571,10 @@ fn check_will(
 ) -> Result<(), (Refusal, &'static str)> {
     let topic = strict::topic_name(&will.topic).map_err(|why| (Refusal::TopicInvalid, why))?;
     if topic.starts_with('$') {
-        return Err((Refusal::NotAuthorized, "topics starting with `$` are reserved"));
+        return Err((
+            Refusal::NotAuthorized,
+            "topics starting with `$` are reserved",
+        ));
     }
     if !shared.config.acl.can_publish(who, topic) {
         return Err((Refusal::NotAuthorized, "denied by ACL"));

@@ -260,6 +260,7 @@ impl Broker {
             tracker,
             stats,
             sys: shared.sys.clone(),
+            shared,
         })
     }
 }
@@ -412,9 +413,47 @@ pub struct BrokerHandle {
     tracker: TaskTracker,
     stats: Arc<Stats>,
     sys: system::SysTx,
+    shared: Arc<Shared>,
 }
 
 impl BrokerHandle {
+    /// Serves `bytes` as one in-process client's whole input, then end of stream, and waits
+    /// (up to `limit`) for the connection to finish; false if it did not. The broker's
+    /// whole connection path runs (framing, checks, both codecs, the router), so the fuzz
+    /// target `broker_connection` drives it with this.
+    #[doc(hidden)]
+    pub fn serve_bytes(&self, bytes: &[u8], limit: Duration) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(runtime) = &self.runtime else {
+            return false;
+        };
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 1));
+        let task = runtime.spawn(connection::serve(
+            server,
+            self.local_addr,
+            loopback,
+            self.shared.clone(),
+        ));
+        runtime.block_on(async {
+            let (mut rx, mut tx) = tokio::io::split(client);
+            let write = async {
+                // The broker may close first; what it did not read is then dropped.
+                let _ = tx.write_all(bytes).await;
+                let _ = tx.shutdown().await;
+            };
+            let read = async {
+                let mut sink = Vec::new();
+                let _ = rx.read_to_end(&mut sink).await;
+            };
+            let feed = async {
+                tokio::join!(write, read);
+                let _ = task.await;
+            };
+            tokio::time::timeout(limit, feed).await.is_ok()
+        })
+    }
+
     /// A probe of this broker's health, usable from any thread (the watchdog's).
     pub fn prober(&self) -> BrokerProbe {
         BrokerProbe {
@@ -467,5 +506,43 @@ impl BrokerHandle {
 impl Drop for BrokerHandle {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz target's seeds, and some bytes no client should send, all end their
+    /// connection once their input ends.
+    #[test]
+    fn in_process_connections_finish() {
+        let config = BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::start(config, None).expect("broker");
+        let seeds = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/broker_connection"
+        );
+        let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(seeds)
+            .expect("seed corpus")
+            .map(|e| std::fs::read(e.expect("entry").path()).expect("seed"))
+            .collect();
+        assert!(inputs.len() >= 5, "seeds missing");
+        inputs.push(vec![0x10, 0xff, 0xff, 0xff, 0x7f]);
+        inputs.push(vec![0x30, 0x00]);
+        for input in &inputs {
+            assert!(
+                broker.serve_bytes(input, Duration::from_secs(5)),
+                "{input:?}"
+            );
+        }
+        assert!(
+            broker.stats().connections_total >= 5,
+            "seeds did not connect"
+        );
+        assert_eq!(broker.stats().connections, 0);
     }
 }

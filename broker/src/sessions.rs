@@ -163,7 +163,11 @@ pub(crate) struct Foreign;
 /// any) with the characters the router refuses (`$`) and the separator escaped. Ids
 /// containing `/`, `+` or `#` never get this far.
 pub(crate) fn persistent_name(client_id: &str, owner: Option<&str>) -> String {
-    let esc = |s: &str| s.replace('%', "%25").replace('$', "%24").replace(':', "%3A");
+    let esc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('$', "%24")
+            .replace(':', "%3A")
+    };
     match owner {
         None => format!("p:{}", esc(client_id)),
         Some(user) => format!("p:{}:{}", esc(client_id), esc(user)),
@@ -183,7 +187,10 @@ mod tests {
             kick.cancelled().await;
             drop(first.done);
         });
-        assert!(s.claim("a", Some("mallory")).await.is_err(), "another identity");
+        assert!(
+            s.claim("a", Some("mallory")).await.is_err(),
+            "another identity"
+        );
         let second = s.claim("a", None).await.expect("same identity");
         waiter.await.expect("join");
         assert_ne!(second.generation, 0);

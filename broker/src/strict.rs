@@ -53,9 +53,10 @@ pub(crate) fn check(buf: &[u8], f: Frame, v5: bool) -> Result<(), Violation> {
         kind::SUBSCRIBE if flags != 0b0010 => {
             Err(bad("SUBSCRIBE fixed-header flags not 0010", "MQTT-3.8.1-1"))
         }
-        kind::UNSUBSCRIBE if flags != 0b0010 => {
-            Err(bad("UNSUBSCRIBE fixed-header flags not 0010", "MQTT-3.10.1-1"))
-        }
+        kind::UNSUBSCRIBE if flags != 0b0010 => Err(bad(
+            "UNSUBSCRIBE fixed-header flags not 0010",
+            "MQTT-3.10.1-1",
+        )),
         kind::PUBACK | kind::PUBREC | kind::PUBCOMP | kind::PINGREQ | kind::DISCONNECT
             if flags != 0 =>
         {
@@ -111,7 +112,10 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(bad("variable byte integer longer than 4 bytes", "MQTT-1.5.5-1"))
+        Err(bad(
+            "variable byte integer longer than 4 bytes",
+            "MQTT-1.5.5-1",
+        ))
     }
 
     /// Two-byte length, then that many bytes.
@@ -129,7 +133,7 @@ impl<'a> Reader<'a> {
 
 /// Reads a UTF-8 Encoded String's bytes as the specification (and mosquitto) allow them.
 pub(crate) fn mqtt_str(b: &[u8]) -> Result<&str, &'static str> {
-    let s = std::str::from_utf8(b).map_err(|_| "ill-formed UTF-8")?;
+    let s = std::str::from_utf8(b).map_err(|_| "not UTF-8 (ill-formed)")?;
     for c in s.chars() {
         let cp = u32::from(c);
         if cp == 0 {
@@ -222,7 +226,10 @@ fn properties(r: &mut Reader<'_>, at: Props) -> Result<(), Violation> {
             prop::PAYLOAD_FORMAT | prop::REQUEST_PROBLEM_INFO | prop::REQUEST_RESPONSE_INFO
                 if value > 1 =>
             {
-                return Err(bad("a 0-or-1 property holds another value", "MQTT 5 §3.1.2.11"))
+                return Err(bad(
+                    "a 0-or-1 property holds another value",
+                    "MQTT 5 §3.1.2.11",
+                ))
             }
             prop::TOPIC_ALIAS if value == 0 => {
                 return Err(bad("Topic Alias of 0", "MQTT 5 §3.3.2.3.4"));
@@ -246,7 +253,10 @@ fn properties(r: &mut Reader<'_>, at: Props) -> Result<(), Violation> {
             Props::Unsubscribe => &[0x26],
         };
         if !allowed.contains(&id) {
-            return Err(bad("a property this packet may not carry", "MQTT 5 §2.2.2.2"));
+            return Err(bad(
+                "a property this packet may not carry",
+                "MQTT 5 §2.2.2.2",
+            ));
         }
     }
     Ok(())
@@ -340,16 +350,16 @@ fn subscribe(body: &[u8], v5: bool) -> Result<(), Violation> {
         }
         if v5 {
             if options & 0xc0 != 0 {
-                return Err(bad("subscription options reserved bits set", "MQTT-3.8.3-5"));
+                return Err(bad(
+                    "subscription options reserved bits set",
+                    "MQTT-3.8.3-5",
+                ));
             }
             if (options >> 4) & 0b11 == 3 {
                 return Err(bad("Retain Handling 3", "MQTT 5 §3.8.3.1"));
             }
             if options & 0x04 != 0 && filter.starts_with("$share/") {
-                return Err(bad(
-                    "No Local on a shared subscription",
-                    "MQTT-3.8.3-4",
-                ));
+                return Err(bad("No Local on a shared subscription", "MQTT-3.8.3-4"));
             }
         } else if options & 0xfc != 0 {
             return Err(bad(
@@ -392,7 +402,18 @@ mod tests {
 
     /// A CONNECT with `flags`, and `props` (MQTT 5) as given.
     fn connect(v5: bool, flags: u8, props: &[u8], tail: &[u8]) -> Vec<u8> {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', if v5 { 5 } else { 4 }, flags, 0, 30];
+        let mut body = vec![
+            0,
+            4,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            if v5 { 5 } else { 4 },
+            flags,
+            0,
+            30,
+        ];
         if v5 {
             body.push(props.len() as u8);
             body.extend_from_slice(props);
@@ -409,7 +430,10 @@ mod tests {
         assert_eq!(run(&connect(false, 0x02, &[], &[]), false), Ok(()));
         assert_eq!(run(&connect(true, 0x02, &[0x21, 0, 5], &[]), true), Ok(()));
         let rule = |p: &[u8], v5| run(p, v5).map_err(|v| v.rule);
-        assert_eq!(rule(&connect(false, 0x03, &[], &[]), false), Err("MQTT-3.1.2-3"));
+        assert_eq!(
+            rule(&connect(false, 0x03, &[], &[]), false),
+            Err("MQTT-3.1.2-3")
+        );
         // Password flag without the user name flag; the password follows the client id.
         assert_eq!(
             rule(&connect(false, 0x42, &[], &[0, 1, b'p']), false),
@@ -418,11 +442,21 @@ mod tests {
         assert_eq!(run(&connect(true, 0x42, &[], &[0, 1, b'p']), true), Ok(()));
         assert!(run(&connect(true, 0x02, &[0x21, 0, 0], &[]), true).is_err());
         assert!(run(&connect(true, 0x02, &[0x27, 0, 0, 0, 0], &[]), true).is_err());
-        assert!(run(&connect(true, 0x02, &[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2], &[]), true).is_err());
+        assert!(run(
+            &connect(true, 0x02, &[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2], &[]),
+            true
+        )
+        .is_err());
         // User properties may repeat.
         let up = [0x26, 0, 1, b'k', 0, 1, b'v'];
-        assert_eq!(run(&connect(true, 0x02, &[up, up].concat(), &[]), true), Ok(()));
-        assert!(run(&connect(false, 0x12, &[], &[]), false).is_err(), "will QoS without will");
+        assert_eq!(
+            run(&connect(true, 0x02, &[up, up].concat(), &[]), true),
+            Ok(())
+        );
+        assert!(
+            run(&connect(false, 0x12, &[], &[]), false).is_err(),
+            "will QoS without will"
+        );
     }
 
     #[test]
@@ -444,10 +478,22 @@ mod tests {
     #[test]
     fn subscribe_rules() {
         assert_eq!(run(&[0x82, 6, 0, 1, 0, 1, b'a', 1], false), Ok(()));
-        assert!(run(&[0x80, 6, 0, 1, 0, 1, b'a', 1], false).is_err(), "flags 0");
-        assert!(run(&[0x82, 6, 0, 0, 0, 1, b'a', 1], false).is_err(), "pkid 0");
-        assert!(run(&[0x82, 6, 0, 1, 0, 1, b'a', 0x41], false).is_err(), "reserved");
-        assert!(run(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x81], true).is_err(), "reserved 5");
+        assert!(
+            run(&[0x80, 6, 0, 1, 0, 1, b'a', 1], false).is_err(),
+            "flags 0"
+        );
+        assert!(
+            run(&[0x82, 6, 0, 0, 0, 1, b'a', 1], false).is_err(),
+            "pkid 0"
+        );
+        assert!(
+            run(&[0x82, 6, 0, 1, 0, 1, b'a', 0x41], false).is_err(),
+            "reserved"
+        );
+        assert!(
+            run(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x81], true).is_err(),
+            "reserved 5"
+        );
         assert_eq!(run(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x2d], true), Ok(()));
         assert!(run(&[0x82, 2, 0, 1], false).is_err(), "no filter");
         assert!(run(&[0xa2, 2, 0, 1], false).is_err(), "no filter");

@@ -600,13 +600,18 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
 
 fn spawn_embedded(max_connections: usize) -> anyhow::Result<(Spawned, SocketAddr)> {
     let exe = std::env::current_exe()?;
-    // The defaults, but for as many connections as the memory scenario holds.
+    // The defaults, but for as many connections as the memory scenario holds, all from one
+    // loopback client (its own user: let in beyond the per-address limit, but each one past it
+    // would cost a read of the kernel's socket table).
     let dir = std::env::temp_dir().join(format!("edgebus-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("topics.toml");
     std::fs::write(
         &conf,
-        format!("[broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n"),
+        format!(
+            "[broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n\
+             max_connections_per_address = {max_connections}\n"
+        ),
     )?;
     let mut child = Command::new(exe)
         .arg("broker")

@@ -356,20 +356,7 @@ fn oversize_payload_closes_only_that_connection() {
 #[test]
 fn password_file_and_acl() {
     let dir = TempDir::new("auth");
-    let pw = dir.0.join("passwd");
-    for (user, pass) in [("alice", "wonder"), ("admin", "root-pw")] {
-        let st = edgebus()
-            .args([
-                "passwd",
-                pw.to_str().expect("utf-8"),
-                user,
-                "--password",
-                pass,
-            ])
-            .status()
-            .expect("edgebus passwd");
-        assert!(st.success());
-    }
+    let pw = password_file(&dir, &[("alice", "wonder"), ("admin", "root-pw")]);
     let b = Broker::start_with(&format!(
         r##"
 [broker.auth]

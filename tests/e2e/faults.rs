@@ -738,13 +738,3 @@ fn broker_rate_limit_drops_and_counts() {
     );
     rt.block_on(c.close(T));
 }
-
-/// The broker's latest retained stats record.
-fn broker_stats(port: &str) -> Value {
-    let (_, out) = run_tool(
-        "mosquitto_sub",
-        port,
-        &["-t", "edge/system/broker/stats", "-C", "1", "-W", "5"],
-    );
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("stats ({e}): {out}"))
-}

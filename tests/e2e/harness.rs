@@ -415,3 +415,213 @@ pub fn json_of(line: &str) -> serde_json::Value {
     let body = line.split_once(' ').map_or(line, |(_, b)| b);
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
+
+/// The broker's latest retained stats record.
+pub fn broker_stats(port: &str) -> serde_json::Value {
+    let (_, out) = run_tool(
+        "mosquitto_sub",
+        port,
+        &["-t", "edge/system/broker/stats", "-C", "1", "-W", "5"],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("stats ({e}): {out}"))
+}
+
+/// Waits (bounded) until `check` holds for the broker's stats record; returns that record.
+pub fn wait_stats(
+    port: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = broker_stats(port);
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "stats never showed {what}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A password file written by `edgebus passwd`, with these users.
+pub fn password_file(dir: &TempDir, users: &[(&str, &str)]) -> PathBuf {
+    let pw = dir.0.join("passwd");
+    for (user, pass) in users {
+        let st = edgebus()
+            .args([
+                "passwd",
+                pw.to_str().expect("utf-8"),
+                user,
+                "--password",
+                pass,
+            ])
+            .status()
+            .expect("edgebus passwd");
+        assert!(st.success());
+    }
+    pw
+}
+
+/// Hand-made MQTT packets, for what no client library will send.
+pub mod packet {
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    /// A remaining length as a variable byte integer.
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    /// A packet from its first byte and body.
+    pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![byte1];
+        varint(body.len(), &mut p);
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// A length-prefixed string or binary field.
+    pub fn field(b: &[u8]) -> Vec<u8> {
+        let mut v = (b.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    }
+
+    /// An MQTT 5 property list from its bytes.
+    pub fn props(b: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        varint(b.len(), &mut v);
+        v.extend_from_slice(b);
+        v
+    }
+
+    /// What goes into a CONNECT.
+    #[derive(Default, Clone)]
+    pub struct Connect<'a> {
+        pub v5: bool,
+        pub client_id: &'a str,
+        pub keep_alive: u16,
+        /// Persistent session (clean session / clean start 0).
+        pub persistent: bool,
+        /// Will topic and payload, and whether it is retained.
+        pub will: Option<(&'a [u8], &'a [u8], bool)>,
+        pub username: Option<&'a str>,
+        pub password: Option<&'a str>,
+        /// CONNECT properties (MQTT 5), as bytes.
+        pub props: &'a [u8],
+        /// Flag bits ORed in as they are (to set the reserved one).
+        pub extra_flags: u8,
+    }
+
+    impl Connect<'_> {
+        pub fn bytes(&self) -> Vec<u8> {
+            let mut flags = self.extra_flags;
+            if !self.persistent {
+                flags |= 0x02;
+            }
+            if let Some((_, _, retain)) = self.will {
+                flags |= 0x04 | if retain { 0x20 } else { 0 };
+            }
+            if self.username.is_some() {
+                flags |= 0x80;
+            }
+            if self.password.is_some() {
+                flags |= 0x40;
+            }
+            let mut body = field(b"MQTT");
+            body.push(if self.v5 { 5 } else { 4 });
+            body.push(flags);
+            body.extend_from_slice(&self.keep_alive.to_be_bytes());
+            if self.v5 {
+                body.extend(props(self.props));
+            }
+            body.extend(field(self.client_id.as_bytes()));
+            if let Some((topic, payload, _)) = self.will {
+                if self.v5 {
+                    body.push(0);
+                }
+                body.extend(field(topic));
+                body.extend(field(payload));
+            }
+            if let Some(u) = self.username {
+                body.extend(field(u.as_bytes()));
+            }
+            if let Some(p) = self.password {
+                body.extend(field(p.as_bytes()));
+            }
+            frame(0x10, &body)
+        }
+    }
+
+    /// A SUBSCRIBE of `filters` (each with its options byte).
+    pub fn subscribe(v5: bool, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        if v5 {
+            body.push(0);
+        }
+        for (f, o) in filters {
+            body.extend(field(f.as_bytes()));
+            body.push(*o);
+        }
+        frame(0x82, &body)
+    }
+
+    /// A PUBLISH (MQTT 5 ones with no properties unless `props` says so).
+    pub fn publish(
+        v5: bool,
+        qos: u8,
+        pkid: u16,
+        topic: &[u8],
+        props_: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut body = field(topic);
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if v5 {
+            body.extend(props(props_));
+        }
+        body.extend_from_slice(payload);
+        frame(0x30 | (qos << 1), &body)
+    }
+
+    /// Reads one packet: its first byte and body; None on EOF, error or timeout.
+    pub fn read(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+        let mut b1 = [0u8; 1];
+        s.read_exact(&mut b1).ok()?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).ok()?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).ok()?;
+        Some((b1[0], body))
+    }
+
+    /// Reads packets until one of type `kind` (high nibble); others are skipped.
+    pub fn read_kind(s: &mut TcpStream, kind: u8) -> Option<(u8, Vec<u8>)> {
+        loop {
+            let p = read(s)?;
+            if p.0 >> 4 == kind {
+                return Some(p);
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 mod broker;
 mod faults;
+mod hardening;
 mod harness;
 mod health;
 mod ops;
