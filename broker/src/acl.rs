@@ -6,8 +6,11 @@
 //! or a level separator does not apply. Deny rules win over grants; when nothing matches,
 //! `default` decides.
 //!
-//! A SUBSCRIBE is granted only when the whole filter is covered by one grant and no deny rule
-//! overlaps it, so a grant of `edge/a/#` allows `edge/a/+/x` but not `edge/#`.
+//! A SUBSCRIBE is granted when some rule allows part of what the filter matches (or the
+//! default allows) and no deny rule covers the whole of it; each message is then checked
+//! against the subscriber's rules before it is queued, as mosquitto does. So with a grant of
+//! `edge/a/#` and a deny of `edge/a/secret`, `edge/#` is granted and delivers exactly what is
+//! under `edge/a/` but `edge/a/secret`.
 
 use serde::{Deserialize, Serialize};
 
@@ -88,11 +91,24 @@ impl AclConfig {
         })
     }
 
-    /// Whether `who` may subscribe to `filter` (shared-subscription prefix already removed).
+    /// Whether `who` may subscribe to `filter` (shared-subscription prefix already removed):
+    /// some of what it matches may be readable. What is delivered is checked message by
+    /// message with [`AclConfig::can_read`].
     pub fn can_subscribe(&self, who: Principal<'_>, filter: &str) -> bool {
         self.decide(who, |pattern, access| match access {
-            Access::Deny => Some(overlaps(pattern, filter)),
-            Access::Read | Access::Readwrite => Some(covers(pattern, filter)),
+            Access::Deny => Some(covers(pattern, filter)),
+            Access::Read | Access::Readwrite => Some(overlaps(pattern, filter)),
+            Access::Write => None,
+        })
+    }
+
+    /// Whether `who` may receive a message published to `topic`.
+    pub fn can_read(&self, who: Principal<'_>, topic: &str) -> bool {
+        if self.rule.is_empty() {
+            return self.default == Default::Allow;
+        }
+        self.decide(who, |pattern, access| match access {
+            Access::Deny | Access::Read | Access::Readwrite => Some(matches(pattern, topic)),
             Access::Write => None,
         })
     }
@@ -221,8 +237,19 @@ mod tests {
         assert!(!acl.can_publish(ALICE, "edge/alice/secret"));
         assert!(!acl.can_publish(ALICE, "edge/shared/x"));
         assert!(acl.can_subscribe(ALICE, "edge/shared/+"));
-        assert!(!acl.can_subscribe(ALICE, "edge/alice/#"), "deny overlaps");
-        assert!(!acl.can_subscribe(ALICE, "edge/#"));
+        assert!(
+            acl.can_subscribe(ALICE, "edge/alice/#"),
+            "a deny inside is filtered"
+        );
+        assert!(acl.can_subscribe(ALICE, "edge/#"), "part of it is readable");
+        assert!(
+            !acl.can_subscribe(ALICE, "edge/alice/secret"),
+            "a deny covers it"
+        );
+        assert!(!acl.can_subscribe(ALICE, "other/#"), "nothing readable");
+        assert!(acl.can_read(ALICE, "edge/alice/x"));
+        assert!(!acl.can_read(ALICE, "edge/alice/secret"));
+        assert!(!acl.can_read(ALICE, "edge/bob/x"));
         let anon = Principal {
             user: None,
             client_id: "x",

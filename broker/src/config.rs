@@ -34,14 +34,23 @@ pub struct BrokerConfig {
     pub reserved_connections: usize,
     /// Largest packet a client may send (remaining length), and largest payload forwarded.
     pub max_payload: ByteSize,
-    /// Most distinct subscription filters over the broker's lifetime. rumqttd keeps a log per
-    /// filter forever, so this is the bound on that memory; beyond it SUBSCRIBE is refused.
+    /// Most subscriptions held at once, all clients together; beyond it SUBSCRIBE is refused.
     pub max_filters: usize,
-    /// Size of one segment of a filter's in-memory log.
-    pub segment_size: ByteSize,
-    /// Segments per filter log: `segment_size × segment_count` is how far a subscriber may
-    /// fall behind before messages are skipped.
-    pub segment_count: usize,
+    /// Messages queued for one session (connected or not) before its publishers wait
+    /// (connected) or its messages are dropped (offline).
+    pub max_queued_messages: usize,
+    /// Bytes queued for one session, likewise.
+    pub max_queued_bytes: ByteSize,
+    /// A connected subscriber that takes nothing for this long while a publisher waits for
+    /// room in its queue is disconnected.
+    #[serde(with = "duration")]
+    pub slow_subscriber_timeout: Duration,
+    /// Longest an offline session is kept (MQTT 5 Session Expiry is capped to it; 3.1.1
+    /// persistent sessions get it).
+    #[serde(with = "duration")]
+    pub max_session_expiry: Duration,
+    /// Threads serving connections (1: the whole broker on one thread, as mosquitto).
+    pub threads: usize,
     /// Time a new connection has to send CONNECT (and finish a websocket handshake).
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -81,9 +90,12 @@ impl Default for BrokerConfig {
             max_connections_per_address: 64,
             reserved_connections: 32,
             max_payload: ByteSize(256 * 1024),
-            max_filters: 4096,
-            segment_size: ByteSize(256 * 1024),
-            segment_count: 4,
+            max_filters: 100_000,
+            max_queued_messages: 1000,
+            max_queued_bytes: ByteSize(1024 * 1024),
+            slow_subscriber_timeout: Duration::from_secs(10),
+            max_session_expiry: Duration::from_secs(24 * 3600),
+            threads: 1,
             connect_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
@@ -147,17 +159,17 @@ impl BrokerConfig {
         if self.max_payload.0 < 1024 {
             return Err("max_payload must be at least 1KiB".into());
         }
-        if self.segment_size.0 < 1024 {
-            return Err("segment_size must be at least 1KiB".into());
+        if self.max_queued_messages == 0 {
+            return Err("max_queued_messages must be at least 1".into());
         }
-        if self.segment_size < self.max_payload {
+        if self.max_queued_bytes < self.max_payload {
             return Err(format!(
-                "segment_size ({}) must be at least max_payload ({})",
-                self.segment_size, self.max_payload
+                "max_queued_bytes ({}) must be at least max_payload ({})",
+                self.max_queued_bytes, self.max_payload
             ));
         }
-        if self.segment_count == 0 {
-            return Err("segment_count must be at least 1".into());
+        if self.threads == 0 || self.threads > 64 {
+            return Err("threads must be between 1 and 64".into());
         }
         self.acl.validate()
     }

@@ -2,8 +2,8 @@
 //!
 //! rumqttd's codecs hit `unreachable!()` on some packet types a client must never send, and
 //! hide the QoS and packet id of a PUBLISH behind `pub(crate)` fields. This module reads the
-//! fixed header, the protocol level of a CONNECT, and the QoS, topic and packet id of a
-//! PUBLISH straight from the bytes, without allocating.
+//! fixed header and the protocol level of a CONNECT straight from the bytes, without
+//! allocating.
 
 /// MQTT control packet types.
 pub(crate) mod kind {
@@ -124,20 +124,6 @@ pub(crate) fn connect_level(buf: &[u8], frame: Frame) -> Option<u8> {
     body.get(2 + name_len).copied()
 }
 
-/// The topic bytes and packet id of a PUBLISH (packet id 0 at QoS 0).
-pub(crate) fn publish_topic_and_pkid(buf: &[u8], frame: Frame) -> Option<(&[u8], u16)> {
-    let body = buf.get(frame.header_len..frame.len())?;
-    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
-    let topic = body.get(2..2 + topic_len)?;
-    let pkid = if frame.qos() == 0 {
-        0
-    } else {
-        let at = 2 + topic_len;
-        u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?])
-    };
-    Some((topic, pkid))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,23 +145,6 @@ mod tests {
             Check::Malformed
         );
         assert_eq!(check(&[0x30, 0x80, 0x01], 100), Check::TooLarge(128));
-    }
-
-    #[test]
-    fn publish_fields() {
-        // QoS 1 PUBLISH "a/b", pkid 7, payload "x".
-        let buf = [0x32, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x'];
-        let Check::Ready(f) = check(&buf, 100) else {
-            panic!("frame")
-        };
-        assert_eq!(f.qos(), 1);
-        assert_eq!(publish_topic_and_pkid(&buf, f), Some((&b"a/b"[..], 7)));
-        // Truncated variable header.
-        let short = [0x32, 3, 0, 9, b'a'];
-        let Check::Ready(f) = check(&short, 100) else {
-            panic!("frame")
-        };
-        assert_eq!(publish_topic_and_pkid(&short, f), None);
     }
 
     #[test]

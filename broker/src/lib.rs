@@ -1,11 +1,11 @@
 //! edgebus-broker: an embedded MQTT 3.1.1 + 5 broker for small hosts.
 //!
-//! It keeps rumqttd's router (fast fan-in and fan-out, retained messages, QoS 0/1/2, shared
-//! subscriptions, persistent sessions) and replaces everything between the router and the
-//! socket with code that survives any client: one port for both MQTT versions, TCP_NODELAY on
-//! every connection, CONNACK refusals instead of poisoned listeners, authentication from a
-//! mosquitto password file, per-topic ACLs, bounded memory, stats on the bus and a clean
-//! shutdown.
+//! It uses rumqttd's packet codecs and nothing else of rumqttd: the accept loop, the
+//! connection handling and the router are edgebus's own. One port serves both MQTT versions;
+//! every connection gets TCP_NODELAY; clients are refused with CONNACK codes, never by a
+//! poisoned listener; users come from a mosquitto password file and per-topic ACLs apply to
+//! every message delivered; memory is bounded and freed when no longer used; stats go out on
+//! the bus; shutdown is clean.
 //!
 //! ```no_run
 //! let config = edgebus_broker::BrokerConfig::default();
@@ -20,43 +20,48 @@
 //! - [`acl`]: per-topic access rules and topic matching.
 //! - [`auth`]: mosquitto-format password files.
 //! - [`stats`]: counters and the retained stats record.
-//! - `connection`: one client connection, from CONNECT to close.
-//! - `frame`: fixed-header parsing that runs before rumqttd's codecs.
+//! - `listener`: accept loops (TCP, WebSocket); `ws`: MQTT over WebSocket.
+//! - `connection`: one client connection, up to CONNACK, and its end (Last Will, session).
+//! - `client`: a connected client: the packets it sends, routed in its task, and what its
+//!   session has for it.
+//! - `router`: the subscription tree, retained messages, sessions and their queues.
+//! - `frame`: fixed-header parsing that runs before the codecs.
 //! - `strict`: the specification's rules the codecs do not check, on a frame's bytes.
 //! - `admission`: connection limits per user and per address, and the reserve.
-//! - `listener`: accept loops (TCP, WebSocket).
-//! - [`lag`]: subscribers that fall behind, and the messages they skip.
-//! - `sessions`: client-id ownership, takeover and the router's names for clients.
-//! - `system`: the broker's own link, for wills and stats.
+//! - `sessions`: client-id ownership and takeover.
 
 pub mod acl;
 mod admission;
 pub mod auth;
+mod client;
 pub mod config;
 mod connection;
 mod frame;
-pub mod lag;
 mod listener;
+mod router;
 mod sessions;
 pub mod stats;
 mod strict;
-mod system;
 mod ws;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{Notification, Router, RouterConfig, Strategy};
+use rumqttd::protocol::PublishProperties;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::{BrokerConfig, ByteSize};
 pub use stats::{set_heap_trimmer, Stats, StatsSnapshot};
+
+use router::message::Message;
+use router::session::{Bounds, Full, Queued, Session};
+use stats::bump;
 
 /// Starting the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,44 +85,78 @@ pub enum BrokerError {
     Start(String),
 }
 
-/// Builds router links; the router's channel type is not nameable outside rumqttd.
-#[allow(clippy::result_large_err)]
-type LinkFactory =
-    Box<dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
-
 /// What every connection task shares.
 pub(crate) struct Shared {
     config: BrokerConfig,
     passwords: Option<auth::PasswordFile>,
-    links: LinkFactory,
+    router: router::Router,
     sessions: sessions::Sessions,
     stats: Arc<Stats>,
-    sys: system::SysTx,
     shutdown: CancellationToken,
-    filters: Mutex<std::collections::HashSet<String>>,
-    /// Connected clients by the router's name for them (for lag reports).
-    names: dashmap::DashMap<String, String>,
-    /// Starts every router name of this broker's clients (a process may run two brokers,
-    /// and lag reports reach both).
-    router_prefix: String,
     admission: Arc<admission::Admission>,
     limits: admission::Limits,
     refusals: admission::RefusalLog,
+    /// Sessions that lost messages since the last lag report.
+    lagging: std::sync::Mutex<Vec<Arc<Session>>>,
 }
 
 impl Shared {
-    /// Counts a distinct filter against `max_filters`; false once the budget is spent.
-    fn admit_filter(&self, filter: &str) -> bool {
-        let mut set = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-        if set.contains(filter) {
-            return true;
+    /// Appends the deliveries of `msg` to `out` (stores it first if retained).
+    fn route(&self, msg: &Arc<Message>, out: &mut VecDeque<(Arc<Session>, Queued)>) {
+        if msg.retain {
+            self.router.retain(msg);
+            let (held, _) = self.router.retained_count();
+            self.stats.retained.store(held as u64, Relaxed);
         }
-        if set.len() >= self.config.max_filters {
-            return false;
+        let mut v = Vec::new();
+        self.router.targets(msg, &mut v);
+        out.extend(v);
+    }
+
+    /// Publishes a message of the broker's own (stats, lag reports, Last Wills): queued
+    /// where there is room, dropped and counted where there is not; it never waits.
+    fn publish(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+        props: Option<PublishProperties>,
+    ) {
+        let msg = Arc::new(Message::new(
+            topic,
+            payload,
+            qos,
+            retain,
+            props,
+            0,
+            std::time::Instant::now(),
+        ));
+        let mut out = VecDeque::new();
+        self.route(&msg, &mut out);
+        for (target, q) in out {
+            if let Err(Full::Queue(q)) = target.push(q) {
+                self.drop_for(&target, &q, "queue full");
+            }
         }
-        set.insert(filter.to_owned());
-        self.stats.filters.store(set.len() as u64, Relaxed);
-        true
+    }
+
+    /// Counts a message not queued for `target`; the first of an episode is logged, and the
+    /// episode reported on the lag topic.
+    fn drop_for(&self, target: &Arc<Session>, q: &Queued, why: &str) {
+        bump(&self.stats.slow_subscriber);
+        if target.count_drop(q.msg.topic_str()) == 1 {
+            warn!(
+                client_id = %connection::clip(target.client_id()),
+                topic = %connection::clip(q.msg.topic_str()),
+                reason = why,
+                "messages dropped for a subscriber"
+            );
+            self.lagging
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(target.clone());
+        }
     }
 }
 
@@ -125,8 +164,6 @@ impl Shared {
 pub struct Broker;
 
 impl Broker {
-    // LinkError is rumqttd's.
-    #[allow(clippy::result_large_err)]
     /// Binds the listeners and starts serving on a runtime of the broker's own.
     /// `system_topic` (`edge/system/broker`) is where the broker publishes: the retained stats
     /// record on `{system_topic}/stats`, lag reports on `{system_topic}/lag` (none: neither).
@@ -142,8 +179,10 @@ impl Broker {
             .map(auth::PasswordFile::load)
             .transpose()?;
 
+        // One thread serves every connection unless `threads` says more: a small host's
+        // cores are for its services.
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(2)))
+            .worker_threads(config.threads)
             .thread_name("edgebus-broker")
             .enable_all()
             .build()
@@ -163,50 +202,25 @@ impl Broker {
             .map_err(|e| BrokerError::Start(e.to_string()))?;
         let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
-        let router_config = RouterConfig {
-            // Our own limit is checked first; the router's leaves room for the system link
-            // and for connections still being torn down.
-            max_connections: config.max_connections * 2 + 16,
-            max_outgoing_packet_count: 200,
-            max_segment_size: config.segment_size.as_usize(),
-            max_segment_count: config.segment_count,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: match config.shared_strategy {
-                config::SharedStrategy::RoundRobin => Strategy::RoundRobin,
-                config::SharedStrategy::Random => Strategy::Random,
-                config::SharedStrategy::Sticky => Strategy::Sticky,
-            },
-        };
-        let router_tx = Router::new(0, router_config).spawn();
-        let links: LinkFactory = Box::new(move |name, clean, alias_max| {
-            LinkBuilder::new(name, router_tx.clone())
-                .clean_session(clean)
-                .topic_alias_max(alias_max)
-                .build()
-        });
-        let (sys_tx, sys_rx, _) =
-            links("sys", true, 0).map_err(|e| BrokerError::Start(e.to_string()))?;
-
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let stats = Arc::new(Stats::default());
         let shared = {
             let _guard = runtime.enter();
             Arc::new(Shared {
-                sys: system::spawn(sys_tx, sys_rx),
+                router: router::Router::new(
+                    Bounds {
+                        messages: config.max_queued_messages,
+                        bytes: config.max_queued_bytes.as_usize(),
+                    },
+                    config.shared_strategy,
+                    config.acl.clone(),
+                ),
                 passwords,
-                links,
                 sessions: sessions::Sessions::default(),
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),
-                filters: Mutex::new(Default::default()),
-                names: Default::default(),
-                router_prefix: {
-                    static BROKERS: std::sync::atomic::AtomicU64 =
-                        std::sync::atomic::AtomicU64::new(0);
-                    format!("b{}.", BROKERS.fetch_add(1, Relaxed))
-                },
+                lagging: Default::default(),
                 admission: Default::default(),
                 limits: admission::Limits {
                     total: config.max_connections,
@@ -240,6 +254,7 @@ impl Broker {
                 ));
             }
             tracker.spawn(trim_when_quiet(shared.clone()));
+            tracker.spawn(expire_sessions(shared.clone()));
             if let Some(topic) = system_topic
                 .as_ref()
                 .filter(|_| !shared.config.stats_interval.is_zero())
@@ -259,7 +274,6 @@ impl Broker {
             shutdown,
             tracker,
             stats,
-            sys: shared.sys.clone(),
             shared,
         })
     }
@@ -293,48 +307,76 @@ async fn trim_when_quiet(shared: Arc<Shared>) {
     }
 }
 
-/// Counts, logs and publishes the messages this broker's subscribers skipped.
-async fn report_lag(shared: Arc<Shared>, topic: Option<Bytes>) {
-    let mut skips = lag::listen();
+/// Ends offline sessions whose expiry passed, once a second.
+async fn expire_sessions(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let skip = tokio::select! {
+        tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            s = skips.recv() => match s { Some(s) => s, None => return },
-        };
-        // Another broker's client, in a process that runs two.
-        let Some(own) = skip.router_name.strip_prefix(&shared.router_prefix) else {
-            continue;
-        };
-        // Counted even when the connection is already gone: then by the router's name.
-        let client_id = shared
-            .names
-            .get(&skip.router_name)
-            .map_or_else(|| own.to_owned(), |c| c.clone());
-        shared.stats.slow_subscriber.fetch_add(skip.lost, Relaxed);
-        // A shared filter as the client wrote it, without the router's group name.
-        let filter = match skip.filter.strip_prefix("$share/") {
-            Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f).to_owned(),
-            None => skip.filter.clone(),
-        };
-        tracing::warn!(
-            client_id,
-            filter = %filter,
-            lost = skip.lost,
-            "subscriber fell behind; messages skipped (raise segment_size or segment_count)"
-        );
-        if let Some(topic) = &topic {
-            let body = serde_json::json!({
-                "client_id": client_id,
-                "filter": filter,
-                "lost": skip.lost,
-                "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            _ = tick.tick() => {}
+        }
+        let n = shared.router.expire(std::time::Instant::now());
+        if n > 0 {
+            info!(sessions = n, "offline sessions expired");
+            shared
+                .stats
+                .sessions
+                .store(shared.router.session_count() as u64, Relaxed);
+            shared
+                .stats
+                .filters
+                .store(shared.router.subscription_count() as u64, Relaxed);
+        }
+    }
+}
+
+/// Reports, once a second, the messages dropped for each subscriber since the last report:
+/// a log line and `{"client_id", "filter", "lost", "at"}` on `{system topic}/lag`, where the
+/// client (the edgebus runtime listens there) or an operator learns of it.
+async fn report_lag(shared: Arc<Shared>, topic: Option<Bytes>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let lagging =
+            std::mem::take(&mut *shared.lagging.lock().unwrap_or_else(|e| e.into_inner()));
+        let dropped = lagging.iter().map(|s| {
+            let (lost, topic) = s.take_drops();
+            (s.client_id().to_owned(), lost, topic, "its queue was full")
+        });
+        // Sessions that ended holding messages: they are lost too, and said so.
+        let ended = shared
+            .router
+            .take_discarded()
+            .into_iter()
+            .map(|(c, lost, topic)| {
+                shared.stats.slow_subscriber.fetch_add(lost, Relaxed);
+                (c, lost, topic, "its session ended with them queued")
             });
-            shared.sys.send(system::SysMsg::Publish {
-                topic: topic.clone(),
-                payload: Bytes::from(body.to_string()),
-                retain: false,
-                props: None,
-            });
+        for (client_id, lost, filter, why) in dropped.chain(ended).collect::<Vec<_>>() {
+            if lost == 0 {
+                continue;
+            }
+            warn!(
+                client_id = %connection::clip(&client_id),
+                topic = %connection::clip(&filter),
+                lost,
+                reason = why,
+                "messages dropped for a subscriber"
+            );
+            if let Some(topic) = &topic {
+                let body = serde_json::json!({
+                    "client_id": client_id,
+                    "filter": filter,
+                    "lost": lost,
+                    "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                });
+                shared.publish(topic.clone(), Bytes::from(body.to_string()), 0, false, None);
+            }
         }
     }
 }
@@ -352,38 +394,36 @@ async fn publish_stats(shared: Arc<Shared>, topic: String) {
         let Ok(payload) = serde_json::to_vec(&snapshot) else {
             continue;
         };
-        shared.sys.send(system::SysMsg::Publish {
-            topic: topic.clone(),
-            payload: Bytes::from(payload),
-            retain: true,
-            props: None,
-        });
+        shared.publish(topic.clone(), Bytes::from(payload), 0, true, None);
     }
 }
 
-/// Checks that a broker's runtime runs tasks and its router answers.
-#[derive(Debug, Clone)]
+/// Checks that a broker's runtime runs tasks and its router's locks are free.
+#[derive(Clone)]
 pub struct BrokerProbe {
     runtime: Option<tokio::runtime::Handle>,
-    sys: system::SysTx,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BrokerProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerProbe").finish_non_exhaustive()
+    }
 }
 
 impl BrokerProbe {
-    /// `Ok` when the broker's runtime ran a task and its router answered a PINGREQ within
+    /// `Ok` when the broker's runtime ran a task that took the router's locks within
     /// `budget`; else which part did not.
     pub fn probe(&self, budget: Duration) -> Result<(), String> {
         let Some(rt) = &self.runtime else {
             return Err("the broker is stopped".into());
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(2);
-        let sys = self.sys.clone();
+        let shared = self.shared.clone();
         rt.spawn(async move {
-            let (done, answered) = tokio::sync::oneshot::channel();
             let _ = tx.try_send(false);
-            sys.send(system::SysMsg::Ping(done));
-            if answered.await.is_ok() {
-                let _ = tx.try_send(true);
-            }
+            shared.router.probe();
+            let _ = tx.try_send(true);
         });
         let deadline = std::time::Instant::now() + budget;
         let wait =
@@ -397,7 +437,7 @@ impl BrokerProbe {
         match wait() {
             Ok(true) => Ok(()),
             _ => Err(format!(
-                "the router did not answer a ping within {} ms",
+                "the router's locks were not free within {} ms",
                 budget.as_millis()
             )),
         }
@@ -412,7 +452,6 @@ pub struct BrokerHandle {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stats: Arc<Stats>,
-    sys: system::SysTx,
     shared: Arc<Shared>,
 }
 
@@ -458,7 +497,7 @@ impl BrokerHandle {
     pub fn prober(&self) -> BrokerProbe {
         BrokerProbe {
             runtime: self.runtime.as_ref().map(|r| r.handle().clone()),
-            sys: self.sys.clone(),
+            shared: self.shared.clone(),
         }
     }
 

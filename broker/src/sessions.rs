@@ -1,10 +1,8 @@
 //! Who is connected under which client id, and what the router calls them.
 //!
-//! rumqttd's router keeps a "graveyard" entry for every client id it ever saw, and its own
-//! takeover logic publishes the wrong Last Will. So the broker does takeover itself, and gives
-//! the router a name of its own choosing: clean sessions borrow a slot name (`c17`) from a
-//! pool no larger than `max_connections`, which bounds the graveyard; persistent sessions keep
-//! a stable name derived from the client id and the user, since the router holds their state.
+//! A new connection with a client id in use takes it over: the old connection is closed
+//! and its Last Will published [MQTT-3.1.4-3]. The router knows a session by a key made of
+//! the client id and the user ([`persistent_name`]).
 //!
 //! A session belongs to the identity that made it: the authenticated user, or "anonymous".
 //! A client id connected by one identity cannot be taken over by another (the CONNECT is
@@ -12,8 +10,6 @@
 //! that made it: the same client id under another user is another session, so no one ever
 //! resumes someone else's subscriptions or queued messages.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -41,14 +37,7 @@ pub(crate) struct Claim {
 pub(crate) struct Sessions {
     live: DashMap<String, Live>,
     pending_wills: DashMap<String, (u64, CancellationToken)>,
-    slots: Mutex<Slots>,
     generation: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Default)]
-struct Slots {
-    free: VecDeque<usize>,
-    next: usize,
 }
 
 /// How long a new connection waits for the one it takes over to finish.
@@ -130,24 +119,6 @@ impl Sessions {
             .remove_if(session, |_, (g, _)| *g == generation);
     }
 
-    /// Borrows a router name for a clean session.
-    pub fn take_slot(&self) -> usize {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match s.free.pop_front() {
-            Some(n) => n,
-            None => {
-                s.next += 1;
-                s.next
-            }
-        }
-    }
-
-    /// Returns a slot, to be reused as late as possible.
-    pub fn give_slot(&self, n: usize) {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        s.free.push_back(n);
-    }
-
     /// Number of connections holding a client id.
     #[cfg(test)]
     pub fn len(&self) -> usize {
@@ -201,13 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_reused_fifo() {
-        let s = Sessions::default();
-        let a = s.take_slot();
-        let b = s.take_slot();
-        s.give_slot(a);
-        s.give_slot(b);
-        assert_eq!(s.take_slot(), a);
+    fn session_keys() {
         assert_eq!(persistent_name("x$y%", None), "p:x%24y%25");
         assert_eq!(persistent_name("a:b", Some("c")), "p:a%3Ab:c");
         assert_ne!(

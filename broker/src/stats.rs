@@ -24,6 +24,10 @@ pub struct Stats {
     pub(crate) wills: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
     pub(crate) slow_subscriber: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) too_large: AtomicU64,
+    pub(crate) sessions: AtomicU64,
+    pub(crate) retained: AtomicU64,
 }
 
 impl Default for Stats {
@@ -45,6 +49,10 @@ impl Default for Stats {
             wills: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             slow_subscriber: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            retained: AtomicU64::new(0),
         }
     }
 }
@@ -76,8 +84,12 @@ pub struct StatsSnapshot {
     pub bytes_out: u64,
     /// Messages and subscriptions not delivered or refused, by cause.
     pub dropped: Dropped,
-    /// Distinct subscription filters held by the router (bounded by `max_filters`).
+    /// Subscriptions held now (bounded by `max_filters`).
     pub filters: u64,
+    /// Sessions held now, connected or waiting for their client.
+    pub sessions: u64,
+    /// Retained messages held now.
+    pub retained: u64,
     /// Last Will messages published.
     pub wills: u64,
     /// Seconds since the broker started.
@@ -101,10 +113,14 @@ pub struct Dropped {
     pub protocol_errors: u64,
     /// PUBLISHes over a client's `rate_limit`.
     pub rate_limited: u64,
-    /// Messages subscribers skipped because they fell further behind than a filter's log
-    /// holds (`segment_size × segment_count`); each skip is logged and published on
-    /// `{system topic}/lag`.
+    /// Messages not queued for a subscriber: an offline session's queue was full, or the
+    /// subscriber took nothing for `slow_subscriber_timeout` while its queue was full (it is
+    /// then disconnected). Each episode is logged and published on `{system topic}/lag`.
     pub slow_subscriber: u64,
+    /// Messages whose MQTT 5 Message Expiry passed before they could be sent.
+    pub expired: u64,
+    /// Messages not sent because they exceed the subscriber's Maximum Packet Size.
+    pub too_large: u64,
 }
 
 impl Stats {
@@ -126,8 +142,12 @@ impl Stats {
                 protocol_errors: g(&self.protocol_errors),
                 rate_limited: g(&self.rate_limited),
                 slow_subscriber: g(&self.slow_subscriber),
+                expired: g(&self.expired),
+                too_large: g(&self.too_large),
             },
             filters: g(&self.filters),
+            sessions: g(&self.sessions),
+            retained: g(&self.retained),
             wills: g(&self.wills),
             uptime_s: self.started.elapsed().as_secs(),
             rss_bytes: rss_bytes(),

@@ -289,9 +289,9 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("saga[0].step[0].call"), "{e}");
         assert_eq!(e.line, Some(5), "{e}");
 
-        let e =
-            TopicsFile::parse("[broker]\nsegment_count = 0\n", Path::new("t.toml")).unwrap_err();
+        let e = TopicsFile::parse("[broker]\nmax_queued_messages = 0\n", Path::new("t.toml"))
+            .unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
-        assert_eq!(e.key.as_deref(), Some("broker.segment_count"), "{e}");
+        assert_eq!(e.key.as_deref(), Some("broker.max_queued_messages"), "{e}");
     }
 }

@@ -69,8 +69,7 @@ pub fn detect() -> Format {
 }
 
 /// Installs the global subscriber; `default` is the filter when neither `EDGEBUS_LOG` nor
-/// `RUST_LOG` is set. The broker's lag layer is always installed: the filter does not hide
-/// what it reads.
+/// `RUST_LOG` is set.
 pub fn init(default: &str) {
     let filter = || {
         EnvFilter::try_from_env("EDGEBUS_LOG")
@@ -123,6 +122,5 @@ pub fn init(default: &str) {
     tracing_subscriber::registry()
         .with(fmt)
         .with(journal)
-        .with(edgebus_broker::lag::layer())
         .init();
 }

@@ -101,6 +101,8 @@ impl Collector for BrokerCollector {
             ("protocol_error", d.protocol_errors),
             ("rate_limited", d.rate_limited),
             ("slow_subscriber", d.slow_subscriber),
+            ("expired", d.expired),
+            ("too_large", d.too_large),
         ];
         family(
             &mut e,
@@ -138,6 +140,8 @@ pub fn broker_status(addr: std::net::SocketAddr, s: &StatsSnapshot) -> String {
         + d.protocol_errors
         + d.rate_limited
         + d.slow_subscriber
+        + d.expired
+        + d.too_large
         + d.denied_subscribe;
     format!(
         "listening on {addr}; {} client{}, {} messages in, {} out, {} dropped, {} MiB RSS",

@@ -338,7 +338,7 @@ fn server_only_packets_random_bytes_and_keep_alive_zero() {
 
 #[test]
 fn oversize_payload_closes_only_that_connection() {
-    let b = Broker::start_with("max_payload = \"1KiB\"\nsegment_size = \"64KiB\"");
+    let b = Broker::start_with("max_payload = \"1KiB\"");
     let p = b.port();
     let sub = Sub::start(&p, &["-t", "edge/big", "-q", "1"]);
     let big = "x".repeat(4096);
@@ -376,6 +376,10 @@ access = "deny"
 user = "admin"
 topic = "#"
 access = "read"
+[[broker.acl.rule]]
+user = "admin"
+topic = "edge/bob/#"
+access = "write"
 "##,
         pw.display()
     ));
@@ -406,11 +410,14 @@ access = "read"
     );
     // Alice's credentials in front of a tool's own arguments.
     let as_alice = |args: &[&'static str]| [&alice[..], args].concat();
-    // Subscribe: outside alice's tree, and overlapping a deny.
-    for filter in ["edge/#", "edge/alice/#"] {
+    // Subscribe: nothing of it readable, or all of it denied: refused.
+    for filter in ["other/#", "edge/alice/secret"] {
         let s = Sub::start_nowait(&p, &as_alice(&["-t", filter]));
         s.0.expect_line("All subscription requests were denied", T);
     }
+    // Partly readable (`edge/#` holds her tree; a deny inside hers): granted, and each
+    // message checked against her rules as it is delivered.
+    let wide = Sub::start(&p, &as_alice(&["-t", "edge/#", "-q", "1"]));
     let mine = Sub::start(&p, &as_alice(&["-t", "edge/alice/ok", "-q", "1"]));
     // Publish: denied (MQTT 5 gets reason 0x87), then allowed.
     let (_, out) = publish(
@@ -445,6 +452,23 @@ access = "read"
         "a denied publish was delivered"
     );
     assert_eq!(mine.next(T).as_deref(), Some("edge/alice/ok fine"));
+    let admin_pw = ["-u", "admin", "-P", "root-pw"];
+    let (ok, out) = publish(
+        &p,
+        &[
+            &admin_pw[..],
+            &["-t", "edge/bob/x", "-m", "bob's", "-q", "1"],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(admin.next(T).as_deref(), Some("edge/bob/x bob's"));
+    assert_eq!(wide.next(T).as_deref(), Some("edge/alice/ok fine"));
+    assert_eq!(
+        wide.next(Duration::from_millis(300)),
+        None,
+        "a message she may not read reached her wildcard subscription"
+    );
     b.proc.expect_line("publish refused", T);
 }
 

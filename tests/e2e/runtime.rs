@@ -197,7 +197,7 @@ fn deadlines_schema_timeouts_and_sizes_from_topics_toml() {
 [broker]
 listen = "127.0.0.1:0"
 max_payload = "1MiB"
-segment_size = "1MiB"
+max_queued_bytes = "4MiB"
 
 [[service]]
 name = "echo"

@@ -195,6 +195,28 @@ impl Publish {
         false
     }
 
+    /// edgebus: a PUBLISH with every field given (the router sends QoS 1 and 2).
+    pub fn with(qos: QoS, pkid: u16, dup: bool, retain: bool, topic: Bytes, payload: Bytes) -> Publish {
+        Publish {
+            dup,
+            qos,
+            pkid,
+            retain,
+            topic,
+            payload,
+        }
+    }
+
+    /// edgebus: the QoS.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// edgebus: the packet id (0 at QoS 0).
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();

@@ -1,0 +1,417 @@
+//! The broker's router: who is subscribed to what, the retained messages, and the sessions.
+//!
+//! There is no router thread. The connection task that read a PUBLISH routes it: it matches
+//! the subscription tree under a read lock, checks each subscriber's read access, and appends
+//! the message to each subscriber's queue, waking that subscriber's task. A message crosses
+//! no channel and no thread on its way from one socket to another, whatever thread each
+//! connection runs on (FlashMQ's design).
+//!
+//! # Layout
+//! - `tree`: the subscription tree (freed level by level as subscriptions go).
+//! - `retained`: the retained messages, in a tree of their own.
+//! - `session`: a session's subscriptions, bounded queue and in-flight window.
+//! - `message`: a published message, shared by every queue it is in.
+
+pub(crate) mod message;
+pub(crate) mod retained;
+pub(crate) mod session;
+pub(crate) mod tree;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::acl::{AclConfig, Principal};
+use crate::config::SharedStrategy;
+use message::Message;
+use retained::Retained;
+use session::{Bounds, Queued, Session};
+use tree::{Hit, SubOptions, Tree};
+
+/// The router of one broker.
+pub(crate) struct Router {
+    tree: RwLock<Tree>,
+    retained: RwLock<Retained>,
+    /// Sessions by key (see `sessions::persistent_name`).
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    next_id: AtomicU64,
+    random: AtomicU64,
+    bounds: Bounds,
+    strategy: SharedStrategy,
+    acl: AclConfig,
+    /// Messages lost with sessions that ended holding them: (client id, lost, first topic).
+    discarded: Mutex<Vec<(String, u64, String)>>,
+}
+
+/// A filter as a SUBSCRIBE gives it: the topic filter, and its share group if shared.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Filter<'a> {
+    /// The whole text the client sent (`$share/g/a/b` or `a/b`).
+    pub full: &'a str,
+    /// The topic filter (`a/b`).
+    pub filter: &'a str,
+    /// The share group (`g`).
+    pub share: Option<&'a str>,
+}
+
+impl<'a> Filter<'a> {
+    /// Splits a filter as the client wrote it; None for a malformed `$share/…`.
+    pub fn parse(full: &'a str) -> Option<Filter<'a>> {
+        match full.strip_prefix("$share/") {
+            Some(rest) => {
+                let (group, filter) = rest.split_once('/')?;
+                Some(Filter {
+                    full,
+                    filter,
+                    share: Some(group),
+                })
+            }
+            None => Some(Filter {
+                full,
+                filter: full,
+                share: None,
+            }),
+        }
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new(bounds: Bounds, strategy: SharedStrategy, acl: AclConfig) -> Router {
+        Router {
+            tree: RwLock::default(),
+            retained: RwLock::default(),
+            sessions: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            random: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            bounds,
+            strategy,
+            acl,
+            discarded: Mutex::default(),
+        }
+    }
+
+    fn tree(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tree_mut(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
+        self.tree.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds or makes the session `key` for a connecting client. `clean` discards an existing
+    /// one first [MQTT-3.1.2-4]. Returns it and whether an earlier one was resumed (Session
+    /// Present [MQTT-3.2.2-2/3]).
+    pub fn open(
+        &self,
+        key: &str,
+        client_id: &str,
+        owner: Option<&str>,
+        clean: bool,
+    ) -> (Arc<Session>, bool) {
+        let mut sessions = self.sessions();
+        if !clean {
+            if let Some(s) = sessions.get(key) {
+                return (s.clone(), true);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let new = Session::new(id, client_id, owner, self.bounds);
+        let old = sessions.insert(key.to_owned(), new.clone());
+        drop(sessions);
+        if let Some(old) = old {
+            self.drop_subscriptions(&old);
+            self.note_discarded(&old);
+        }
+        (new, false)
+    }
+
+    /// A connection left its session: with `expiry` 0 the session ends now [MQTT-3.1.2-5],
+    /// otherwise it waits that long for its client.
+    pub fn close(&self, key: &str, session: &Arc<Session>, expiry: Duration) {
+        session.detach(expiry);
+        if expiry.is_zero() {
+            self.end(key, session);
+        }
+    }
+
+    /// Ends a session if it is still the one under `key`.
+    fn end(&self, key: &str, session: &Arc<Session>) {
+        let mut sessions = self.sessions();
+        if sessions.get(key).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            sessions.remove(key);
+        }
+        drop(sessions);
+        self.drop_subscriptions(session);
+        self.note_discarded(session);
+    }
+
+    fn note_discarded(&self, session: &Session) {
+        let (lost, topic) = session.discard();
+        if lost > 0 {
+            self.discarded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((session.client_id().to_owned(), lost, topic));
+        }
+    }
+
+    /// Messages lost with sessions that ended since the last call.
+    pub fn take_discarded(&self) -> Vec<(String, u64, String)> {
+        std::mem::take(&mut *self.discarded.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn drop_subscriptions(&self, session: &Arc<Session>) {
+        let filters = session.take_subscriptions();
+        let mut tree = self.tree_mut();
+        for full in &filters {
+            if let Some(f) = Filter::parse(full) {
+                tree.unsubscribe(f.filter, f.share, session);
+            }
+        }
+    }
+
+    /// Ends the offline sessions whose expiry passed; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let expired: Vec<(String, Arc<Session>)> = self
+            .sessions()
+            .iter()
+            .filter(|(_, s)| !s.is_connected() && s.expires_at().is_some_and(|at| at <= now))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, s) in &expired {
+            self.end(key, s);
+        }
+        expired.len()
+    }
+
+    /// Sessions held, connected or not.
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Subscriptions held now.
+    pub fn subscription_count(&self) -> usize {
+        self.tree().len()
+    }
+
+    /// Retained messages held, and their bytes.
+    pub fn retained_count(&self) -> (usize, usize) {
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Adds or replaces a subscription; true if it replaced one of the same filter.
+    pub fn subscribe(&self, session: &Arc<Session>, f: Filter<'_>, options: SubOptions) -> bool {
+        session.add_subscription(f.full, options);
+        self.tree_mut()
+            .subscribe(f.filter, f.share, session, options)
+    }
+
+    /// Removes a subscription; true if there was one.
+    pub fn unsubscribe(&self, session: &Arc<Session>, f: Filter<'_>) -> bool {
+        session.remove_subscription(f.full);
+        self.tree_mut().unsubscribe(f.filter, f.share, session)
+    }
+
+    /// The retained messages for a new subscription to `filter` [MQTT-3.3.1-9], unexpired.
+    pub fn retained_for(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .matching(filter, &mut out);
+        out.retain(|m| !m.expired(now));
+        out
+    }
+
+    /// Stores or clears (empty payload [MQTT-3.3.1-6]) a retained message.
+    pub fn retain(&self, msg: &Arc<Message>) {
+        let mut r = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        if msg.payload.is_empty() {
+            r.set(msg.topic_str(), None);
+        } else {
+            r.set(msg.topic_str(), Some(msg.clone()));
+        }
+    }
+
+    /// Who gets `msg`, and how: one entry per session (overlapping subscriptions merged:
+    /// highest QoS, every subscription identifier), No Local and read access applied, one
+    /// member per shared group.
+    pub fn targets(&self, msg: &Arc<Message>, out: &mut Vec<(Arc<Session>, Queued)>) {
+        let topic = msg.topic_str();
+        let tree = self.tree();
+        let mut per: HashMap<u64, (Arc<Session>, Queued)> = HashMap::new();
+        let mut add = |s: &tree::Subscriber| {
+            let o = s.options;
+            if o.no_local && s.session.id() == msg.origin {
+                return;
+            }
+            let who = Principal {
+                user: s.session.owner(),
+                client_id: s.session.client_id(),
+            };
+            if !self.acl.can_read(who, topic) {
+                return;
+            }
+            let qos = o.qos.min(msg.qos);
+            let retain = o.retain_as_published && msg.retain;
+            let e = per.entry(s.session.id()).or_insert_with(|| {
+                (
+                    s.session.clone(),
+                    Queued {
+                        msg: msg.clone(),
+                        qos,
+                        retain,
+                        sub_ids: Vec::new(),
+                    },
+                )
+            });
+            e.1.qos = e.1.qos.max(qos);
+            e.1.retain |= retain;
+            e.1.sub_ids.extend(o.id);
+        };
+        tree.matches(topic, |hit| match hit {
+            Hit::Direct(s) => add(s),
+            Hit::Shared(g) => {
+                let r = self.next_random();
+                if let Some(s) = tree::pick(g, self.strategy, r) {
+                    add(s);
+                }
+            }
+        });
+        out.extend(per.into_values());
+    }
+
+    fn next_random(&self) -> u64 {
+        // xorshift: the shared-subscription "random" strategy needs spread, not secrecy.
+        let mut x = self.random.load(Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.store(x, Relaxed);
+        x
+    }
+
+    /// Takes and gives back each of the router's locks (the watchdog's probe: a lock held
+    /// forever blocks it).
+    pub fn probe(&self) {
+        drop(self.tree());
+        drop(self.retained.read().unwrap_or_else(|e| e.into_inner()));
+        drop(self.sessions());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn router() -> Router {
+        Router::new(
+            Bounds {
+                messages: 100,
+                bytes: 1 << 20,
+            },
+            SharedStrategy::RoundRobin,
+            AclConfig::default(),
+        )
+    }
+
+    fn publish(topic: &str, qos: u8, origin: u64) -> Arc<Message> {
+        Arc::new(Message::new(
+            Bytes::copy_from_slice(topic.as_bytes()),
+            Bytes::from_static(b"x"),
+            qos,
+            true,
+            None,
+            origin,
+            Instant::now(),
+        ))
+    }
+
+    #[test]
+    fn qos_is_the_lower_and_overlaps_merge() {
+        let r = router();
+        let (a, _) = r.open("a", "a", None, true);
+        let f = |s| Filter::parse(s).expect("filter");
+        r.subscribe(
+            &a,
+            f("t/#"),
+            SubOptions {
+                qos: 2,
+                id: Some(7),
+                ..Default::default()
+            },
+        );
+        r.subscribe(
+            &a,
+            f("t/+"),
+            SubOptions {
+                qos: 0,
+                id: Some(9),
+                ..Default::default()
+            },
+        );
+        let mut out = Vec::new();
+        r.targets(&publish("t/x", 1, 0), &mut out);
+        assert_eq!(out.len(), 1, "one delivery per session");
+        let q = &out[0].1;
+        assert_eq!(q.qos, 1, "min(published 1, granted 2) [MQTT-3.8.4-6]");
+        let mut ids = q.sub_ids.clone();
+        ids.sort();
+        assert_eq!(ids, [7, 9]);
+        assert!(
+            !q.retain,
+            "RETAIN cleared unless Retain As Published [MQTT-3.3.1-12]"
+        );
+    }
+
+    #[test]
+    fn no_local_and_clean_start() {
+        let r = router();
+        let (a, _) = r.open("a", "a", None, false);
+        let f = Filter::parse("t").expect("filter");
+        r.subscribe(
+            &a,
+            f,
+            SubOptions {
+                no_local: true,
+                ..Default::default()
+            },
+        );
+        let mut out = Vec::new();
+        r.targets(&publish("t", 0, a.id()), &mut out);
+        assert!(out.is_empty(), "[MQTT-3.8.3-3]");
+        r.close("a", &a, Duration::from_secs(60));
+        let (again, present) = r.open("a", "a", None, false);
+        assert!(present && Arc::ptr_eq(&again, &a));
+        let (fresh, present) = r.open("a", "a", None, true);
+        assert!(!present && !Arc::ptr_eq(&fresh, &a), "[MQTT-3.1.2-4]");
+        assert_eq!(
+            r.subscription_count(),
+            0,
+            "the old session's subscriptions went with it"
+        );
+        r.close("a", &fresh, Duration::ZERO);
+        assert_eq!(r.session_count(), 0);
+    }
+
+    #[test]
+    fn offline_sessions_expire() {
+        let r = router();
+        let (a, _) = r.open("a", "a", None, false);
+        r.subscribe(&a, Filter::parse("t").expect("f"), SubOptions::default());
+        r.close("a", &a, Duration::from_secs(5));
+        assert_eq!(r.expire(Instant::now()), 0);
+        assert_eq!(r.expire(Instant::now() + Duration::from_secs(6)), 1);
+        assert_eq!((r.session_count(), r.subscription_count()), (0, 0));
+    }
+}
