@@ -51,6 +51,9 @@ pub struct BrokerConfig {
     pub max_session_expiry: Duration,
     /// Threads serving connections (1: the whole broker on one thread, as mosquitto).
     pub threads: usize,
+    /// Longest keep-alive a client may use, in seconds (0: any). A client asking for more, or
+    /// for none, gets this one (MQTT 5: in the CONNACK's Server Keep Alive).
+    pub max_keepalive: u16,
     /// Time a new connection has to send CONNECT (and finish a websocket handshake).
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -96,6 +99,7 @@ impl Default for BrokerConfig {
             slow_subscriber_timeout: Duration::from_secs(10),
             max_session_expiry: Duration::from_secs(24 * 3600),
             threads: 1,
+            max_keepalive: 0,
             connect_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),

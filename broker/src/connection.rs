@@ -271,8 +271,16 @@ where
         .stats
         .sessions
         .store(shared.router.session_count() as u64, Relaxed);
+    // The keep-alive that applies: the client's, unless above `max_keepalive` (or none at
+    // all while there is a maximum); MQTT 5 clients are told in the CONNACK [MQTT-3.2.2-21].
+    let max_ka = cfg.max_keepalive;
+    let keep_alive = if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) {
+        max_ka
+    } else {
+        connect.keep_alive
+    };
     let hello = client::Hello {
-        keep_alive: connect.keep_alive,
+        keep_alive,
         alias_max: props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0),
         max_packet: props.as_ref().and_then(|p| p.max_packet_size),
         expiry,
@@ -293,10 +301,12 @@ where
         session.clone(),
         hello,
     );
+    let server_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
     connack(
         &mut conn,
         session_present,
         assigned.then(|| client_id.clone()),
+        server_keep_alive,
     );
     debug!(
         ?version,
@@ -390,7 +400,12 @@ where
 /// QoS 1/2 messages in flight to a 3.1.1 client (MQTT 5 clients say theirs).
 const V311_WINDOW: u16 = 100;
 
-fn connack(conn: &mut client::Conn, session_present: bool, assigned: Option<String>) {
+fn connack(
+    conn: &mut client::Conn,
+    session_present: bool,
+    assigned: Option<String>,
+    server_keep_alive: Option<u16>,
+) {
     let ack = ConnAck {
         session_present,
         code: ConnectReturnCode::Success,
@@ -405,6 +420,7 @@ fn connack(conn: &mut client::Conn, session_present: bool, assigned: Option<Stri
         wildcard_subscription_available: Some(1),
         shared_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
+        server_keep_alive,
         ..ConnAckProperties::default()
     });
     if let Err(End::Protocol(e)) = conn.encode(Packet::ConnAck(ack, props)) {

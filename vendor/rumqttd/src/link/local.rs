@@ -336,8 +336,7 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            // edgebus: grown on demand.
-            cache: VecDeque::new(),
+            cache: VecDeque::with_capacity(100),
         }
     }
 

@@ -32,8 +32,7 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            // edgebus: grown on demand; an idle connection then costs no buffer pages.
-            buffer: Arc::new(Mutex::new(VecDeque::new())),
+            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
             meter: Default::default(),
             client_id,
         }
@@ -73,11 +72,13 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        // edgebus: grown on demand (bounded by the same limits as before) instead of
-        // preallocated, so an idle connection does not hold ~75 KB of queues.
-        let data_buffer = VecDeque::new();
-        let inflight_buffer = VecDeque::new();
-        let unacked_pubrels = VecDeque::new();
+        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
+        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
+        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
+
+        // Ensure that there won't be any new allocations
+        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
+        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
 
         let outgoing = Self {
             client_id,
@@ -164,13 +165,14 @@ impl Outgoing {
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        // edgebus: acknowledgements may come in any order (MQTT 5 §4.6 orders only what the
-        // sender sends); an unknown one is None, and the caller ignores it.
-        let at = self
-            .inflight_buffer
-            .iter()
-            .position(|(p, _, _)| *p == pkid)?;
-        self.inflight_buffer.remove(at);
+        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
+
+        // We don't support out of order acks
+        if pkid != head {
+            error!(pkid, head, "out of order ack.");
+            return None;
+        }
+
         Some(())
     }
 
@@ -185,9 +187,14 @@ impl Outgoing {
     // But we don't support out of order / unsolicited pubcomps
     // to be consistent with the behaviour with other acks
     pub fn register_pubcomp(&mut self, pkid: u16) -> Option<()> {
-        // edgebus: in any order, as register_ack.
-        let at = self.unacked_pubrels.iter().position(|p| *p == pkid)?;
-        self.unacked_pubrels.remove(at);
+        let id = self.unacked_pubrels.pop_front()?;
+
+        // out of order acks
+        if pkid != id {
+            error!(pkid, id, "out of order ack.");
+            return None;
+        }
+
         Some(())
     }
 

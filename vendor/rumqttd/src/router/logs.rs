@@ -3,8 +3,7 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel,
-    Publish,
+    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
@@ -381,9 +380,8 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            // edgebus: grown on demand.
-            committed: VecDeque::new(),
-            recorded: VecDeque::new(),
+            committed: VecDeque::with_capacity(100),
+            recorded: VecDeque::with_capacity(100),
         }
     }
 
@@ -413,15 +411,10 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        // edgebus: the PUBREL's publish by packet id, not the oldest one; an unknown packet
-        // id is answered with 0x92 (MQTT 5 §3.7.2.1; 3.1.1 has no reason and sends PUBCOMP).
-        let at = self.recorded.iter().position(|(p, _)| p.pkid == ack.pkid);
-        if at.is_none() {
-            ack.reason = PubCompReason::PacketIdentifierNotFound;
-        }
-        self.committed.push_back(Ack::PubComp(ack));
-        self.recorded.remove(at?)
+    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let ack = Ack::PubComp(ack);
+        self.committed.push_back(ack);
+        self.recorded.pop_front()
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {

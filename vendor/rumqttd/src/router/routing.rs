@@ -767,9 +767,9 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        // edgebus: ignored, as mosquitto does, instead of a disconnect.
-                        debug!(pkid, "PUBACK for an unknown packet id; ignored");
-                        continue;
+                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        disconnect = true;
+                        break;
                     }
 
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
@@ -781,16 +781,9 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        // edgebus: answered with PUBREL 0x92 (MQTT 5 §3.6.2.1), as mosquitto
-                        // does, instead of a disconnect.
-                        debug!(pkid, "PUBREC for an unknown packet id");
-                        let ackslog = self.ackslog.get_mut(id).unwrap();
-                        ackslog.pubrel(PubRel {
-                            pkid,
-                            reason: PubRelReason::PacketIdentifierNotFound,
-                        });
-                        force_ack = true;
-                        continue;
+                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        disconnect = true;
+                        break;
                     }
 
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -820,11 +813,8 @@ impl Router {
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
                         Some(v) => v,
                         None => {
-                            // edgebus: answered with PUBCOMP 0x92 (MQTT 5 §3.7.2.1), not a
-                            // disconnect.
-                            debug!(pkid = pubrel.pkid, "PUBREL for an unknown packet id");
-                            force_ack = true;
-                            continue;
+                            disconnect = true;
+                            break;
                         }
                     };
 
@@ -862,9 +852,12 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubcomp.pkid;
                     if outgoing.register_pubcomp(pkid).is_none() {
-                        // edgebus: ignored, as mosquitto does, instead of a disconnect.
-                        debug!(pkid, "PUBCOMP for an unknown packet id; ignored");
-                        continue;
+                        error!(
+                            pkid,
+                            "ack received for pkid {}, but the pkid didn't exists!", pkid
+                        );
+                        disconnect = true;
+                        break;
                     }
                 }
                 Packet::PingReq(_) => {

@@ -78,10 +78,11 @@ pub fn write(
 
     buffer.put_u8(code(disconnect.reason_code));
 
+    // edgebus: without properties the remaining length is 1 (the reason code alone, which
+    // MQTT 5 §3.14.2.2.1 allows); rumqttd wrote a property length byte it had not counted,
+    // so every such DISCONNECT was malformed (`e0 01 8d 00`).
     if let Some(properties) = &properties {
         properties::write(properties, buffer)?;
-    } else {
-        write_remaining_length(buffer, 0)?;
     }
 
     Ok(1 + len_len + length)
