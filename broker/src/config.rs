@@ -96,7 +96,7 @@ impl Default for BrokerConfig {
             max_filters: 100_000,
             max_queued_messages: 1000,
             max_queued_bytes: ByteSize(1024 * 1024),
-            slow_subscriber_timeout: Duration::from_secs(10),
+            slow_subscriber_timeout: Duration::from_secs(3),
             max_session_expiry: Duration::from_secs(24 * 3600),
             threads: 1,
             max_keepalive: 0,

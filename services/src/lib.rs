@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: topics.toml, loaded and validated with located errors.
-//! - [`bench`]: the `edgebus bench` scenarios; [`detect`], its failure-detection scenario.
+//! - [`bench`]: the `edgebus bench` scenarios; [`detect`], its failure-detection scenario;
+//!   [`overload`], the ones that push a broker past what its subscribers take.
 //! - [`passwd`]: `edgebus passwd`.
 //! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
 //! - [`discovery`], [`health`]: the registry and the health monitor, as services.
@@ -21,6 +22,7 @@ pub mod health;
 pub mod logging;
 pub mod ops;
 pub mod orchestrator;
+pub mod overload;
 pub mod passwd;
 pub mod run;
 pub mod views;

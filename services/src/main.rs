@@ -166,6 +166,9 @@ struct BenchArgs {
     /// Start Debian's `mosquitto` (set_tcp_nodelay true) on a free loopback port and measure it.
     #[arg(long)]
     mosquitto: bool,
+    /// Also start an `edgebus broker` with `threads = N` and measure it (repeatable).
+    #[arg(long = "embedded-threads")]
+    embedded_threads: Vec<usize>,
     /// Round trips per round-trip scenario.
     #[arg(long, default_value_t = 2000)]
     round_trips: usize,
@@ -196,7 +199,8 @@ struct BenchArgs {
     /// Also write the table, with the machine and versions, to this Markdown file.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Only these scenario groups (comma-separated): rtt, runtime, fan, connect, memory, detect, saga.
+    /// Only these scenario groups (comma-separated): rtt, runtime, fan, slow, churn, connect,
+    /// memory, detect, saga.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
     only: Vec<String>,
 }
@@ -598,19 +602,19 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     result
 }
 
-fn spawn_embedded(max_connections: usize) -> anyhow::Result<(Spawned, SocketAddr)> {
+fn spawn_embedded(max_connections: usize, threads: usize) -> anyhow::Result<(Spawned, SocketAddr)> {
     let exe = std::env::current_exe()?;
     // The defaults, but for as many connections as the memory scenario holds, all from one
     // loopback client (its own user: let in beyond the per-address limit, but each one past it
     // would cost a read of the kernel's socket table).
-    let dir = std::env::temp_dir().join(format!("edgebus-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("edgebus-bench-{}-{threads}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("topics.toml");
     std::fs::write(
         &conf,
         format!(
             "[broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n\
-             max_connections_per_address = {max_connections}\n"
+             max_connections_per_address = {max_connections}\nthreads = {threads}\n"
         ),
     )?;
     let mut child = Command::new(exe)
@@ -672,9 +676,20 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let most = args.idle_connections * 10;
     bench::raise_fd_limit(most + 1024);
     if args.embedded {
-        let (child, addr) = spawn_embedded(most + 64)?;
+        let (child, addr) = spawn_embedded(most + 64, 1)?;
         targets.push(Target {
             name: "edgebus".into(),
+            addr,
+            pid: Some(child.0.id()),
+        });
+        children.push(child);
+    }
+    // Measured after mosquitto, so that ratios stay edgebus (one thread) ÷ mosquitto.
+    let mut threaded = Vec::new();
+    for &threads in &args.embedded_threads {
+        let (child, addr) = spawn_embedded(most + 64, threads)?;
+        threaded.push(Target {
+            name: format!("edgebus, {threads} threads"),
             addr,
             pid: Some(child.0.id()),
         });
@@ -689,6 +704,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         });
         children.push(child);
     }
+    targets.extend(threaded);
     for (i, addr) in args.brokers.iter().enumerate() {
         targets.push(Target {
             name: addr.to_string(),
