@@ -775,6 +775,7 @@ impl Conn {
                         qos: m.qos.min(granted),
                         retain: true,
                         sub_ids: id.into_iter().collect(),
+                        share: None,
                         msg: m,
                     };
                     if let Err(Full::Queue(q)) = self.session.push(q) {

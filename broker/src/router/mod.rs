@@ -148,7 +148,49 @@ impl Router {
         }
         drop(sessions);
         self.drop_subscriptions(session);
+        self.hand_over_shared(session);
         self.note_discarded(session);
+    }
+
+    /// Gives what a leaving member of a shared subscription had not had acknowledged to
+    /// another member of its group, so the group loses nothing; counted as discarded only
+    /// when no member is left or its queue is full.
+    fn hand_over_shared(&self, session: &Arc<Session>) {
+        let leftover = session.take_shared();
+        if leftover.is_empty() {
+            return;
+        }
+        let tree = self.tree();
+        for mut q in leftover {
+            let Some(key) = q.share.clone() else { continue };
+            let Some(f) = key.strip_prefix("$share/").and_then(|r| r.split_once('/')) else {
+                continue;
+            };
+            let member = tree
+                .group(f.1, f.0)
+                .and_then(|g| tree::pick(g, self.strategy, self.next_random()));
+            let Some(m) = member else {
+                self.count_lost(session, &q);
+                continue;
+            };
+            q.qos = q.msg.qos.min(m.options.qos);
+            q.sub_ids = m.options.id.into_iter().collect();
+            let target = m.session.clone();
+            if target.push(q.clone()).is_err() {
+                self.count_lost(session, &q);
+            }
+        }
+    }
+
+    fn count_lost(&self, session: &Session, q: &Queued) {
+        self.discarded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                session.client_id().to_owned(),
+                1,
+                q.msg.topic_str().to_owned(),
+            ));
     }
 
     fn note_discarded(&self, session: &Session) {
@@ -249,7 +291,7 @@ impl Router {
         let topic = msg.topic_str();
         let tree = self.tree();
         let mut per: HashMap<u64, (Arc<Session>, Queued)> = HashMap::new();
-        let mut add = |s: &tree::Subscriber| {
+        let mut add = |s: &tree::Subscriber, share: Option<&Arc<str>>| {
             let o = s.options;
             if o.no_local && s.session.id() == msg.origin {
                 return;
@@ -271,6 +313,7 @@ impl Router {
                         qos,
                         retain,
                         sub_ids: Vec::new(),
+                        share: share.cloned(),
                     },
                 )
             });
@@ -279,11 +322,11 @@ impl Router {
             e.1.sub_ids.extend(o.id);
         };
         tree.matches(topic, |hit| match hit {
-            Hit::Direct(s) => add(s),
+            Hit::Direct(s) => add(s, None),
             Hit::Shared(g) => {
                 let r = self.next_random();
                 if let Some(s) = tree::pick(g, self.strategy, r) {
-                    add(s);
+                    add(s, Some(&g.key));
                 }
             }
         });

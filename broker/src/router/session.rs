@@ -31,6 +31,9 @@ pub(crate) struct Queued {
     pub retain: bool,
     /// Subscription identifiers of the matching subscriptions [MQTT-3.3.4-3].
     pub sub_ids: Vec<u32>,
+    /// The shared subscription (`$share/{group}/{filter}`) it came through, if any: when the
+    /// session ends before its client acknowledged it, another member gets it.
+    pub share: Option<Arc<str>>,
 }
 
 /// What is waiting for an acknowledgement.
@@ -366,6 +369,31 @@ impl Session {
         self.state().subscriptions.drain().map(|(f, _)| f).collect()
     }
 
+    /// Takes out the messages queued or in flight that came through a shared subscription
+    /// (the session ends: another member is to get them), in order.
+    pub fn take_shared(&self) -> Vec<Queued> {
+        let mut s = self.state();
+        let mut out = Vec::new();
+        s.inflight.retain(|(_, f)| match f {
+            Inflight::Publish(q) if q.share.is_some() => {
+                out.push(q.clone());
+                false
+            }
+            _ => true,
+        });
+        let mut kept = VecDeque::new();
+        for q in std::mem::take(&mut s.queue) {
+            if q.share.is_some() {
+                s.queued_bytes -= q.msg.size();
+                out.push(q);
+            } else {
+                kept.push_back(q);
+            }
+        }
+        s.queue = kept;
+        out
+    }
+
     /// Empties the queue and the in-flight window (the session ends); returns how many
     /// messages were in them, and the topic of the first.
     pub fn discard(&self) -> (u64, String) {
@@ -421,6 +449,7 @@ mod tests {
             qos,
             retain: false,
             sub_ids: Vec::new(),
+            share: None,
         }
     }
 

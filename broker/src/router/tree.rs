@@ -34,11 +34,12 @@ pub(crate) struct Subscriber {
 }
 
 /// The members of one shared subscription (`$share/{group}/{filter}`).
-#[derive(Default)]
 pub(crate) struct Group {
     pub members: Vec<Subscriber>,
     /// Round-robin position.
     pub next: AtomicUsize,
+    /// `$share/{group}/{filter}`, as messages routed through it remember it.
+    pub key: Arc<str>,
 }
 
 #[derive(Default)]
@@ -84,7 +85,17 @@ impl Tree {
         }
         let list = match share {
             None => &mut node.subscribers,
-            Some(g) => &mut node.groups.entry(g.into()).or_default().members,
+            Some(g) => {
+                &mut node
+                    .groups
+                    .entry(g.into())
+                    .or_insert_with(|| Group {
+                        members: Vec::new(),
+                        next: AtomicUsize::new(0),
+                        key: format!("$share/{g}/{filter}").into(),
+                    })
+                    .members
+            }
         };
         let sub = Subscriber {
             session: session.clone(),
@@ -121,6 +132,15 @@ impl Tree {
     /// Subscriptions held now.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// The shared group `group` of `filter`, if it has members.
+    pub fn group(&self, filter: &str, group: &str) -> Option<&Group> {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.groups.get(group).filter(|g| !g.members.is_empty())
     }
 
     /// Calls `hit` for every subscription matching `topic`.
