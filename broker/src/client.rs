@@ -222,11 +222,12 @@ impl Conn {
             if self.session.take_evicted() {
                 return self.evicted(stream).await;
             }
-            if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
-                *rbuf = BytesMut::new();
+            // An idle connection keeps a small read buffer; a burst grows it, by doubling.
+            if rbuf.is_empty() && rbuf.capacity() > 16 * 1024 {
+                *rbuf = BytesMut::with_capacity(256);
             }
-            if rbuf.capacity() - rbuf.len() < 256 {
-                rbuf.reserve(1024.max(rbuf.len()));
+            if rbuf.capacity() - rbuf.len() < 128 {
+                rbuf.reserve(256.max(rbuf.len()));
             }
 
             tokio::select! {
