@@ -253,18 +253,23 @@ impl Broker {
                     tracker.clone(),
                 ));
             }
-            tracker.spawn(trim_when_quiet(shared.clone()));
-            tracker.spawn(expire_sessions(shared.clone()));
+            let second = Duration::from_secs(1);
+            tracker.spawn(every(shared.clone(), second * 2, trim_when_quiet()));
+            tracker.spawn(every(shared.clone(), second, expire_sessions));
             if let Some(topic) = system_topic
                 .as_ref()
                 .filter(|_| !shared.config.stats_interval.is_zero())
             {
-                tracker.spawn(publish_stats(shared.clone(), format!("{topic}/stats")));
+                let topic = Bytes::from(format!("{topic}/stats"));
+                let period = shared.config.stats_interval;
+                tracker.spawn(every(shared.clone(), period, move |s| {
+                    publish_stats(s, &topic)
+                }));
             }
-            tracker.spawn(report_lag(
-                shared.clone(),
-                system_topic.map(|t| Bytes::from(format!("{t}/lag"))),
-            ));
+            let lag = system_topic.map(|t| Bytes::from(format!("{t}/lag")));
+            tracker.spawn(every(shared.clone(), second, move |s| {
+                report_lag(s, lag.as_ref())
+            }));
         }
         info!(%local_addr, websocket = ?ws_addr, "broker listening (MQTT 3.1.1 and 5)");
         Ok(BrokerHandle {
@@ -279,17 +284,24 @@ impl Broker {
     }
 }
 
-/// Trims the heap when the broker has gone quiet after a burst.
-async fn trim_when_quiet(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+/// Runs `work` every `period` until the broker shuts down.
+async fn every(shared: Arc<Shared>, period: Duration, mut work: impl FnMut(&Shared)) {
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (0, 0, 0);
-    let mut trimmed = true;
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        work(&shared);
+    }
+}
+
+/// Trims the heap when the broker has gone quiet after a burst (called every 2 s).
+fn trim_when_quiet() -> impl FnMut(&Shared) {
+    let mut last = (0, 0, 0);
+    let mut trimmed = true;
+    move |shared| {
         let s = &shared.stats;
         let now = (
             s.connections_total.load(Relaxed),
@@ -307,93 +319,66 @@ async fn trim_when_quiet(shared: Arc<Shared>) {
     }
 }
 
-/// Ends offline sessions whose expiry passed, once a second.
-async fn expire_sessions(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let n = shared.router.expire(std::time::Instant::now());
-        if n > 0 {
-            info!(sessions = n, "offline sessions expired");
-            shared
-                .stats
-                .sessions
-                .store(shared.router.session_count() as u64, Relaxed);
-            shared
-                .stats
-                .filters
-                .store(shared.router.subscription_count() as u64, Relaxed);
-        }
+/// Ends offline sessions whose expiry passed (called every second).
+fn expire_sessions(shared: &Shared) {
+    let n = shared.router.expire(std::time::Instant::now());
+    if n > 0 {
+        info!(sessions = n, "offline sessions expired");
+        shared
+            .stats
+            .sessions
+            .store(shared.router.session_count() as u64, Relaxed);
+        shared
+            .stats
+            .filters
+            .store(shared.router.subscription_count() as u64, Relaxed);
     }
 }
 
-/// Reports, once a second, the messages dropped for each subscriber since the last report:
-/// a log line and `{"client_id", "filter", "lost", "at"}` on `{system topic}/lag`, where the
-/// client (the edgebus runtime listens there) or an operator learns of it.
-async fn report_lag(shared: Arc<Shared>, topic: Option<Bytes>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let lagging =
-            std::mem::take(&mut *shared.lagging.lock().unwrap_or_else(|e| e.into_inner()));
-        let dropped = lagging.iter().map(|s| {
-            let (lost, topic) = s.take_drops();
-            (s.client_id().to_owned(), lost, topic, "its queue was full")
+/// Reports the messages dropped for each subscriber since the last report (called every
+/// second): a log line and `{"client_id", "filter", "lost", "at"}` on `{system topic}/lag`,
+/// where the client (the edgebus runtime listens there) or an operator learns of it.
+fn report_lag(shared: &Shared, topic: Option<&Bytes>) {
+    let lagging = std::mem::take(&mut *shared.lagging.lock().unwrap_or_else(|e| e.into_inner()));
+    let dropped = lagging.iter().map(|s| {
+        let (lost, topic) = s.take_drops();
+        (s.client_id().to_owned(), lost, topic, "its queue was full")
+    });
+    // Sessions that ended holding messages: they are lost too, and said so.
+    let ended = shared
+        .router
+        .take_discarded()
+        .into_iter()
+        .map(|(c, lost, topic)| {
+            shared.stats.slow_subscriber.fetch_add(lost, Relaxed);
+            (c, lost, topic, "its session ended with them queued")
         });
-        // Sessions that ended holding messages: they are lost too, and said so.
-        let ended = shared
-            .router
-            .take_discarded()
-            .into_iter()
-            .map(|(c, lost, topic)| {
-                shared.stats.slow_subscriber.fetch_add(lost, Relaxed);
-                (c, lost, topic, "its session ended with them queued")
+    for (client_id, lost, filter, why) in dropped.chain(ended).collect::<Vec<_>>() {
+        if lost == 0 {
+            continue;
+        }
+        warn!(
+            client_id = %connection::clip(&client_id),
+            topic = %connection::clip(&filter),
+            lost,
+            reason = why,
+            "messages dropped for a subscriber"
+        );
+        if let Some(topic) = topic {
+            let body = serde_json::json!({
+                "client_id": client_id,
+                "filter": filter,
+                "lost": lost,
+                "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             });
-        for (client_id, lost, filter, why) in dropped.chain(ended).collect::<Vec<_>>() {
-            if lost == 0 {
-                continue;
-            }
-            warn!(
-                client_id = %connection::clip(&client_id),
-                topic = %connection::clip(&filter),
-                lost,
-                reason = why,
-                "messages dropped for a subscriber"
-            );
-            if let Some(topic) = &topic {
-                let body = serde_json::json!({
-                    "client_id": client_id,
-                    "filter": filter,
-                    "lost": lost,
-                    "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                });
-                shared.publish(topic.clone(), Bytes::from(body.to_string()), 0, false, None);
-            }
+            shared.publish(topic.clone(), Bytes::from(body.to_string()), 0, false, None);
         }
     }
 }
 
-async fn publish_stats(shared: Arc<Shared>, topic: String) {
-    let topic = Bytes::from(topic);
-    let mut tick = tokio::time::interval(shared.config.stats_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let snapshot = shared.stats.snapshot();
-        let Ok(payload) = serde_json::to_vec(&snapshot) else {
-            continue;
-        };
+/// Publishes the retained stats record on `topic`.
+fn publish_stats(shared: &Shared, topic: &Bytes) {
+    if let Ok(payload) = serde_json::to_vec(&shared.stats.snapshot()) {
         shared.publish(topic.clone(), Bytes::from(payload), 0, true, None);
     }
 }

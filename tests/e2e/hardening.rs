@@ -162,36 +162,19 @@ fn a_client_id_never_carries_a_session_to_another_user() {
     let dir = TempDir::new("owner");
     let b = two_users(&dir);
     let p = b.port();
-    let bob_args = [
-        "-u",
-        "bob",
-        "-P",
-        "b-pw",
-        "-c",
-        "-i",
-        "shared-id",
-        "-q",
-        "1",
-        "-t",
-        "bob/private/#",
-    ];
+    const BOB: [&str; 4] = ["-u", "bob", "-P", "b-pw"];
+    let as_bob =
+        |args: &[&str]| -> Vec<String> { BOB.iter().chain(args).map(|a| a.to_string()).collect() };
+    let bob_publish = |m: &str| {
+        let args = as_bob(&["-t", "bob/private/x", "-m", m, "-q", "1"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        publish(&p, &args)
+    };
+    let bob_args = as_bob(&["-c", "-i", "shared-id", "-q", "1", "-t", "bob/private/#"]);
+    let bob_args: Vec<&str> = bob_args.iter().map(String::as_str).collect();
     drop(Sub::start(&p, &bob_args));
     for i in 0..3 {
-        let (ok, out) = publish(
-            &p,
-            &[
-                "-u",
-                "bob",
-                "-P",
-                "b-pw",
-                "-t",
-                "bob/private/x",
-                "-m",
-                &format!("m{i}"),
-                "-q",
-                "1",
-            ],
-        );
+        let (ok, out) = bob_publish(&format!("m{i}"));
         assert!(ok, "{out}");
     }
     let mallory = Sub::start(
@@ -216,42 +199,15 @@ fn a_client_id_never_carries_a_session_to_another_user() {
         "the intruder got bob's queued messages"
     );
     // bob's own publish while mallory holds the id: his subscription is not hers.
-    let (ok, _) = publish(
-        &p,
-        &[
-            "-u",
-            "bob",
-            "-P",
-            "b-pw",
-            "-t",
-            "bob/private/x",
-            "-m",
-            "m3",
-            "-q",
-            "1",
-        ],
-    );
-    assert!(ok);
+    assert!(bob_publish("m3").0);
     assert_eq!(
         mallory.next(Duration::from_millis(500)),
         None,
         "bob's subscription delivered to the intruder"
     );
-    let (ok, out) = publish(
-        &p,
-        &[
-            "-u",
-            "bob",
-            "-P",
-            "b-pw",
-            "-i",
-            "shared-id",
-            "-t",
-            "bob/x",
-            "-m",
-            "x",
-        ],
-    );
+    let args = as_bob(&["-i", "shared-id", "-t", "bob/x", "-m", "x"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out) = publish(&p, &args);
     assert!(!ok && out.contains("not authorised"), "{out}");
     b.proc
         .expect_line("client id is connected under another identity", T);
