@@ -183,8 +183,14 @@ impl Conn {
             }
         }
         loop {
-            if let Err(end) = self.route_pending(stream, claim).await {
-                return end;
+            if !self.pending.is_empty() {
+                if let Err(end) = self.route_pending(stream, claim).await {
+                    self.abandon_pending();
+                    return end;
+                }
+                // The socket was not read while the publish waited: the client's keep-alive
+                // runs from now.
+                deadline = Instant::now() + grace;
             }
             // Every whole frame already buffered, until a PUBLISH has to wait for room.
             while self.pending.is_empty() {
@@ -298,6 +304,12 @@ impl Conn {
                     self.shared.drop_for(&target, &q, "offline queue full");
                     break;
                 }
+                if Arc::ptr_eq(&target, &self.session) {
+                    // Its own queue: only this client's acknowledgements, which sit unread
+                    // behind this PUBLISH, could make room.
+                    self.shared.drop_for(&target, &q, "its own queue is full");
+                    break;
+                }
                 if stalled >= patience {
                     target.evict();
                     self.shared.drop_for(&target, &q, "subscriber stalled");
@@ -321,6 +333,19 @@ impl Conn {
             self.encode(ack)?;
         }
         Ok(())
+    }
+
+    /// The connection ends with a PUBLISH not yet routed to every subscriber: what is left
+    /// is counted as dropped, and a QoS 2 packet id is forgotten so that the client's resend
+    /// is routed again.
+    fn abandon_pending(&mut self) {
+        for (target, q) in std::mem::take(&mut self.pending) {
+            self.shared
+                .drop_for(&target, &q, "the publisher's connection ended");
+        }
+        if let Some(Packet::PubRec(rec, _)) = self.pending_ack.take() {
+            self.session.release_qos2(rec.pkid);
+        }
     }
 
     /// Takes what the session can send now and encodes it.
@@ -489,6 +514,16 @@ impl Conn {
                 Ok(())
             }
             kind::PUBREC => match self.decode(rbuf, max)? {
+                Packet::PubRec(rec, _)
+                    if !matches!(
+                        rec.reason,
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                    ) =>
+                {
+                    // A refusal ends the flow: no PUBREL (MQTT 5 §4.3.3).
+                    self.session.acked(rec.pkid);
+                    Ok(())
+                }
                 Packet::PubRec(rec, _) => {
                     let known = self.session.received(rec.pkid);
                     self.encode(Packet::PubRel(
@@ -533,6 +568,9 @@ impl Conn {
                     _ => (false, None),
                 };
                 if let Some(e) = expiry {
+                    let cap = u32::try_from(self.shared.config.max_session_expiry.as_secs())
+                        .unwrap_or(u32::MAX);
+                    let e = e.min(cap);
                     if self.expiry == 0 && e != 0 {
                         return Err(End::Protocol(
                             "DISCONNECT sets a Session Expiry on a session that had none \

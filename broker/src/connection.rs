@@ -292,7 +292,7 @@ where
             .unwrap_or(u16::MAX),
         Version::V311 => V311_WINDOW,
     };
-    let resend = session.attach(window, Duration::from_secs(u64::from(expiry)));
+    let (attachment, resend) = session.attach(window, Duration::from_secs(u64::from(expiry)));
     let mut conn = client::Conn::new(
         version,
         shared.clone(),
@@ -370,25 +370,32 @@ where
         End::KeepAlive => info!("keep-alive expired; closing"),
     }
 
-    // 7. The Last Will: not after a normal DISCONNECT, nor when the whole broker stops.
-    let fire = match end {
-        End::Disconnect { with_will } => with_will,
-        End::Shutdown => false,
-        _ => true,
-    };
-    if let (true, Some((will, will_props))) = (fire, conn_will.take()) {
+    // 7. The Last Will: not after a normal DISCONNECT, nor when the whole broker stops. On a
+    // takeover a delayed will is never due: the session goes on at once [MQTT-3.1.3-9].
+    if let Some((will, will_props)) = conn_will.take() {
         let delay = will_props
             .as_ref()
             .and_then(|p| p.delay_interval)
             .unwrap_or(0)
             .min(expiry);
-        publish_will(&shared, &key, will, will_props, delay);
+        let fire = match end {
+            End::Disconnect { with_will } => with_will,
+            End::Shutdown => false,
+            End::TakenOver => delay == 0,
+            _ => true,
+        };
+        if fire {
+            publish_will(&shared, &key, will, will_props, delay);
+        }
     }
 
     // 8. Leave the session: it ends now, or waits `expiry` for its client.
-    shared
-        .router
-        .close(&key, &session, Duration::from_secs(u64::from(expiry)));
+    shared.router.close(
+        &key,
+        &session,
+        attachment,
+        Duration::from_secs(u64::from(expiry)),
+    );
     shared
         .stats
         .sessions

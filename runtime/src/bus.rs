@@ -71,8 +71,9 @@ pub struct BusOptions {
     /// Who this connection is, when it is a service instance (registration and heartbeats).
     pub presence: Option<crate::presence::Identity>,
     /// Listen for the edgebus broker's lag reports (`{prefix}/system/broker/lag`): messages
-    /// the broker skipped because this client fell behind are then counted, logged, charged
-    /// to the subscriptions they were for, and sent to [`Bus::lag_events`].
+    /// the broker dropped for this client (it took nothing for the broker's
+    /// `slow_subscriber_timeout`, or its offline queue was full) are then counted, logged,
+    /// charged to the subscriptions they were for, and sent to [`Bus::lag_events`].
     pub watch_lag: bool,
 }
 
@@ -246,7 +247,7 @@ pub struct BusStats {
     pub circuit_rejected: u64,
     /// Requests that failed after their retries and were dead-lettered.
     pub dead_letters: u64,
-    /// Messages for this client the broker skipped because it fell behind (edgebus broker
+    /// Messages for this client the broker dropped because it fell behind (edgebus broker
     /// lag reports; see [`BusOptions::watch_lag`]).
     pub skipped_at_broker: u64,
 }
@@ -875,7 +876,7 @@ impl Bus {
                 tracing::warn!(
                     filter = %event.filter,
                     lost = event.lost,
-                    "the broker skipped messages for this client: it fell behind"
+                    "the broker dropped messages for this client: it fell behind"
                 );
                 let _ = inner.lag.send(event);
             }
@@ -988,8 +989,8 @@ impl Drop for ReplyGuard {
     }
 }
 
-/// Messages the broker skipped for this client on one filter, because the client fell
-/// further behind than the broker buffers.
+/// Messages the broker dropped for this client, because the client fell further behind than
+/// the broker queues for it (`filter` names the topic of the first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LagEvent {
     /// The client.

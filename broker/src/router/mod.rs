@@ -131,11 +131,11 @@ impl Router {
         (new, false)
     }
 
-    /// A connection left its session: with `expiry` 0 the session ends now [MQTT-3.1.2-5],
-    /// otherwise it waits that long for its client.
-    pub fn close(&self, key: &str, session: &Arc<Session>, expiry: Duration) {
-        session.detach(expiry);
-        if expiry.is_zero() {
+    /// The connection of `attachment` left its session: with `expiry` 0 the session ends now
+    /// [MQTT-3.1.2-5], otherwise it waits that long for its client. A connection that a later
+    /// one took the session from changes nothing.
+    pub fn close(&self, key: &str, session: &Arc<Session>, attachment: u64, expiry: Duration) {
+        if session.detach(attachment, expiry) && expiry.is_zero() {
             self.end(key, session);
         }
     }
@@ -161,36 +161,36 @@ impl Router {
             return;
         }
         let tree = self.tree();
+        let mut lost = 0;
+        let mut first = String::new();
         for mut q in leftover {
             let Some(key) = q.share.clone() else { continue };
             let Some(f) = key.strip_prefix("$share/").and_then(|r| r.split_once('/')) else {
                 continue;
             };
-            let member = tree
-                .group(f.1, f.0)
-                .and_then(|g| tree::pick(g, self.strategy, self.next_random()));
-            let Some(m) = member else {
-                self.count_lost(session, &q);
-                continue;
-            };
-            q.qos = q.msg.qos.min(m.options.qos);
-            q.sub_ids = m.options.id.into_iter().collect();
-            let target = m.session.clone();
-            if target.push(q.clone()).is_err() {
-                self.count_lost(session, &q);
+            let topic = q.msg.topic_str().to_owned();
+            let member = tree.group(f.1, f.0).and_then(|g| {
+                let may = |s: &tree::Subscriber| self.may_read(s, &topic);
+                tree::pick(g, self.strategy, self.next_random(), may)
+            });
+            let handed = member.is_some_and(|m| {
+                q.qos = q.msg.qos.min(m.options.qos);
+                q.sub_ids = m.options.id.into_iter().collect();
+                m.session.push(q).is_ok()
+            });
+            if !handed {
+                if lost == 0 {
+                    first = topic;
+                }
+                lost += 1;
             }
         }
-    }
-
-    fn count_lost(&self, session: &Session, q: &Queued) {
-        self.discarded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((
-                session.client_id().to_owned(),
-                1,
-                q.msg.topic_str().to_owned(),
-            ));
+        if lost > 0 {
+            self.discarded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((session.client_id().to_owned(), lost, first));
+        }
     }
 
     fn note_discarded(&self, session: &Session) {
@@ -296,11 +296,7 @@ impl Router {
             if o.no_local && s.session.id() == msg.origin {
                 return;
             }
-            let who = Principal {
-                user: s.session.owner(),
-                client_id: s.session.client_id(),
-            };
-            if !self.acl.can_read(who, topic) {
+            if !self.may_read(s, topic) {
                 return;
             }
             let qos = o.qos.min(msg.qos);
@@ -325,12 +321,22 @@ impl Router {
             Hit::Direct(s) => add(s, None),
             Hit::Shared(g) => {
                 let r = self.next_random();
-                if let Some(s) = tree::pick(g, self.strategy, r) {
+                let may = |s: &tree::Subscriber| self.may_read(s, topic);
+                if let Some(s) = tree::pick(g, self.strategy, r, may) {
                     add(s, Some(&g.key));
                 }
             }
         });
         out.extend(per.into_values());
+    }
+
+    /// Whether the ACL lets `s`'s session read `topic`.
+    fn may_read(&self, s: &tree::Subscriber, topic: &str) -> bool {
+        let who = Principal {
+            user: s.session.owner(),
+            client_id: s.session.client_id(),
+        };
+        self.acl.can_read(who, topic)
     }
 
     fn next_random(&self) -> u64 {
@@ -433,7 +439,7 @@ mod tests {
         let mut out = Vec::new();
         r.targets(&publish("t", 0, a.id()), &mut out);
         assert!(out.is_empty(), "[MQTT-3.8.3-3]");
-        r.close("a", &a, Duration::from_secs(60));
+        r.close("a", &a, 0, Duration::from_secs(60));
         let (again, present) = r.open("a", "a", None, false);
         assert!(present && Arc::ptr_eq(&again, &a));
         let (fresh, present) = r.open("a", "a", None, true);
@@ -443,7 +449,7 @@ mod tests {
             0,
             "the old session's subscriptions went with it"
         );
-        r.close("a", &fresh, Duration::ZERO);
+        r.close("a", &fresh, 0, Duration::ZERO);
         assert_eq!(r.session_count(), 0);
     }
 
@@ -452,7 +458,7 @@ mod tests {
         let r = router();
         let (a, _) = r.open("a", "a", None, false);
         r.subscribe(&a, Filter::parse("t").expect("f"), SubOptions::default());
-        r.close("a", &a, Duration::from_secs(5));
+        r.close("a", &a, 0, Duration::from_secs(5));
         assert_eq!(r.expire(Instant::now()), 0);
         assert_eq!(r.expire(Instant::now() + Duration::from_secs(6)), 1);
         assert_eq!((r.session_count(), r.subscription_count()), (0, 0));

@@ -98,6 +98,8 @@ pub(crate) struct Session {
     owner: Option<String>,
     state: Mutex<State>,
     connected: AtomicBool,
+    /// Counts attaches: a connection leaves only the attachment it made.
+    attached: std::sync::atomic::AtomicU64,
     /// Set when a publisher gave up waiting for this session's client.
     evicted: AtomicBool,
     /// Wakes the connection task: something to send.
@@ -125,12 +127,15 @@ impl Session {
                 incoming_qos2: HashSet::new(),
                 subscriptions: HashMap::new(),
                 expiry: Duration::ZERO,
-                offline_since: Some(Instant::now()),
+                // Not offline until a connection leaves it: a session being opened must not
+                // expire before its connection attaches.
+                offline_since: None,
                 progress: Instant::now(),
                 dropped: 0,
                 dropped_topic: String::new(),
             }),
             connected: AtomicBool::new(false),
+            attached: std::sync::atomic::AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             ready: Notify::new(),
             room: Notify::new(),
@@ -189,15 +194,22 @@ impl Session {
     }
 
     /// A connection takes it: `window` is the client's Receive Maximum, `expiry` its Session
-    /// Expiry Interval. Returns what was in flight, to send again first.
-    pub fn attach(&self, window: u16, expiry: Duration) -> Vec<Out> {
+    /// Expiry Interval. Returns the attachment (to leave it with) and what was in flight, to
+    /// send again first.
+    pub fn attach(&self, window: u16, expiry: Duration) -> (u64, Vec<Out>) {
+        use futures_util::FutureExt;
         let mut s = self.state();
+        let attachment = self.attached.fetch_add(1, Relaxed) + 1;
+        // An eviction of the connection before is not this one's.
+        self.evicted.store(false, Relaxed);
+        let _ = self.evicted_wake.notified().now_or_never();
         s.window = usize::from(window.max(1));
         s.expiry = expiry;
         s.offline_since = None;
         s.progress = Instant::now();
         self.connected.store(true, Relaxed);
-        s.inflight
+        let resend = s
+            .inflight
             .iter()
             .map(|(pkid, f)| match f {
                 Inflight::Publish(q) => Out::Publish {
@@ -207,18 +219,24 @@ impl Session {
                 },
                 Inflight::Released => Out::PubRel(*pkid),
             })
-            .collect()
+            .collect();
+        (attachment, resend)
     }
 
-    /// The connection is gone; `expiry` is the Session Expiry Interval that now applies.
-    pub fn detach(&self, expiry: Duration) {
+    /// The connection of `attachment` is gone; `expiry` is the Session Expiry Interval that
+    /// now applies. False (and nothing done) when a later connection took the session.
+    pub fn detach(&self, attachment: u64, expiry: Duration) -> bool {
         let mut s = self.state();
+        if self.attached.load(Relaxed) != attachment {
+            return false;
+        }
         s.expiry = expiry;
         s.offline_since = Some(Instant::now());
         self.connected.store(false, Relaxed);
         drop(s);
         // Publishers waiting for room stop waiting for a client that is gone.
         self.room.notify_waiters();
+        true
     }
 
     /// When an offline session expires.
@@ -456,7 +474,7 @@ mod tests {
     #[test]
     fn bounded_queue_window_and_redelivery() {
         let s = Session::new_for_test("a");
-        assert!(s.attach(2, Duration::ZERO).is_empty());
+        assert!(s.attach(2, Duration::ZERO).1.is_empty());
         for _ in 0..10 {
             s.push(q(1)).expect("room");
         }
@@ -479,8 +497,12 @@ mod tests {
         s.take(Instant::now(), &mut out);
         assert_eq!(out.len(), 1);
         // Reconnect: what is in flight comes again with DUP, in order.
-        s.detach(Duration::from_secs(60));
-        let again = s.attach(10, Duration::from_secs(60));
+        assert!(s.detach(1, Duration::from_secs(60)));
+        let (n, again) = s.attach(10, Duration::from_secs(60));
+        assert!(
+            !s.detach(n - 1, Duration::ZERO),
+            "a stale connection leaves nothing"
+        );
         assert!(matches!(
             again[..],
             [
@@ -497,7 +519,7 @@ mod tests {
             ]
         ));
         assert!(s.received(3));
-        let again = s.attach(10, Duration::from_secs(60));
+        let (_, again) = s.attach(10, Duration::from_secs(60));
         assert!(matches!(again[1], Out::PubRel(3)));
         assert_eq!(s.backlog(), (7, 2));
     }

@@ -218,11 +218,13 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session: &Arc<S
     removed
 }
 
-/// Picks a member of a shared group: `strategy`, preferring members that are connected.
+/// Picks a member of a shared group that `may` accept: `strategy`, preferring members that
+/// are connected.
 pub(crate) fn pick(
     group: &Group,
     strategy: crate::config::SharedStrategy,
     random: u64,
+    may: impl Fn(&Subscriber) -> bool,
 ) -> Option<&Subscriber> {
     use crate::config::SharedStrategy;
     let members = &group.members;
@@ -235,10 +237,10 @@ pub(crate) fn pick(
         SharedStrategy::Random => (random % n as u64) as usize,
         SharedStrategy::Sticky => 0,
     };
-    (0..n)
-        .map(|i| &members[(start + i) % n])
+    let order = || (0..n).map(|i| &members[(start + i) % n]).filter(|m| may(m));
+    order()
         .find(|m| m.session.is_connected())
-        .or(Some(&members[start]))
+        .or_else(|| order().next())
 }
 
 #[cfg(test)]
