@@ -633,3 +633,140 @@ fn a_shared_subscription_member_leaving_loses_nothing() {
         (0..40u8).filter(|i| !seen.contains(i)).collect::<Vec<_>>()
     );
 }
+
+/// A client id taken over within a Will Delay Interval: the session goes on, so the old
+/// connection's delayed will is never sent [MQTT-3.1.3-9].
+#[test]
+fn a_delayed_will_is_not_sent_when_the_session_is_taken_over() {
+    let b = Broker::start();
+    let mut watcher = Raw::v5(b.addr, "dw-watch");
+    watcher.subscribe(1, &[("dw/#", 0)], None);
+    // Session Expiry 60 s, Will Delay 1 s (will properties: 0x18).
+    let mut body = packet::field(b"MQTT");
+    body.extend_from_slice(&[5, 0x04, 0, 60]);
+    body.extend(packet::props(&[0x11, 0, 0, 0, 60]));
+    body.extend(packet::field(b"dw"));
+    body.extend(packet::props(&[0x18, 0, 0, 0, 1]));
+    body.extend(packet::field(b"dw/will"));
+    body.extend(packet::field(b"gone"));
+    let connect = packet::frame(0x10, &body);
+    let mut first = raw(b.addr);
+    send(&mut first, &connect);
+    packet::read(&mut first).expect("CONNACK");
+    let mut second = raw(b.addr);
+    send(&mut second, &connect);
+    packet::read_kind(&mut second, 2).expect("CONNACK of the takeover");
+    assert!(
+        watcher.next(Duration::from_millis(2000)).is_none(),
+        "a will came after the takeover"
+    );
+    // Without a takeover it comes, after its delay.
+    drop(second);
+    let will = watcher.next(T).expect("the will, 1 s after the drop");
+    assert_eq!(will.topic, "dw/will");
+}
+
+/// A subscriber evicted for taking nothing (`slow_subscriber_timeout`) that comes back to its
+/// persistent session is served again, not evicted at once by the old episode; a client
+/// publishing to its own full queue is not held by itself.
+#[test]
+fn an_evicted_subscriber_comes_back_and_a_client_never_waits_for_itself() {
+    let b = Broker::start_with("max_queued_messages = 5\nslow_subscriber_timeout = \"500ms\"");
+    let c = Connect {
+        v5: true,
+        client_id: "ev",
+        keep_alive: 60,
+        persistent: true,
+        props: &[0x11, 0, 0, 0, 60, 0x21, 0, 1],
+        ..Connect::default()
+    };
+    let (mut s, _, _) = Raw::connect(b.addr, c.clone());
+    s.subscribe(1, &[("ev/t", 1)], None);
+    let mut p = Raw::v5(b.addr, "ev-pub");
+    // Window 1 + queue 5 fill; the next publish waits 0.5 s, then the subscriber is evicted.
+    for i in 0..8u8 {
+        p.publish("ev/t", 1, false, &[], &[i]);
+    }
+    b.proc.expect_line("took nothing for", T);
+    drop(s);
+    let (mut s, _, present) = Raw::connect(b.addr, c);
+    assert!(present);
+    let first = s.next(T).expect("redelivered");
+    s.ack(first.pkid);
+    let second = s.next(T).expect("the session is served again");
+    s.ack(second.pkid);
+    p.publish("ev/t", 1, false, &[], b"after");
+    let mut got_after = false;
+    while let Some(m) = s.next(Duration::from_millis(700)) {
+        got_after |= m.payload == b"after";
+        s.ack(m.pkid);
+    }
+    assert!(
+        got_after,
+        "the reconnected subscriber was evicted again or starved"
+    );
+
+    // A client subscribed to what it publishes, never acknowledging: its own queue fills,
+    // and it is not held (its PUBACKs keep coming).
+    let (mut me, _, _) = Raw::connect(
+        b.addr,
+        Connect {
+            v5: true,
+            client_id: "self",
+            keep_alive: 60,
+            props: &[0x21, 0, 1],
+            ..Connect::default()
+        },
+    );
+    me.subscribe(1, &[("self/t", 1)], None);
+    let t0 = std::time::Instant::now();
+    for i in 0..20u8 {
+        me.publish("self/t", 1, false, &[], &[i]);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "held by its own queue: {:?}",
+        t0.elapsed()
+    );
+}
+
+/// A member of a shared subscription that may not read a topic is never picked for it: the
+/// member that may read gets every message (per-message ACL checks apply to groups too).
+#[test]
+fn a_shared_group_member_gets_only_what_it_may_read() {
+    let dir = TempDir::new("shared-acl");
+    let pw = password_file(&dir, &[("full", "f"), ("part", "p")]);
+    let b = Broker::start_with(&format!(
+        "[broker.auth]\npassword_file = \"{}\"\n[broker.acl]\ndefault = \"allow\"\n\
+         [[broker.acl.rule]]\nuser = \"part\"\ntopic = \"sa/secret\"\naccess = \"deny\"\n",
+        pw.display()
+    ));
+    let member = |id: &'static str, user: &'static str, pass: &'static str| {
+        let (mut m, code, _) = Raw::connect(
+            b.addr,
+            Connect {
+                v5: true,
+                client_id: id,
+                keep_alive: 60,
+                username: Some(user),
+                password: Some(pass),
+                ..Connect::default()
+            },
+        );
+        assert_eq!(code, 0);
+        m.subscribe(1, &[("$share/g/sa/#", 0)], None);
+        m
+    };
+    let mut full = member("sa-full", "full", "f");
+    let mut part = member("sa-part", "part", "p");
+    let mut p = Raw::v5(b.addr, "sa-pub");
+    for i in 0..10u8 {
+        p.publish("sa/secret", 0, false, &[], &[i]);
+    }
+    let mut got = 0;
+    while full.next(Duration::from_millis(500)).is_some() {
+        got += 1;
+    }
+    assert_eq!(got, 10, "the member that may read lost some");
+    assert!(part.quiet(), "a member got what it may not read");
+}
