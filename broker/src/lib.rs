@@ -108,9 +108,7 @@ impl Shared {
             let (held, _) = self.router.retained_count();
             self.stats.retained.store(held as u64, Relaxed);
         }
-        let mut v = Vec::new();
-        self.router.targets(msg, &mut v);
-        out.extend(v);
+        self.router.targets(msg, out);
     }
 
     /// Publishes a message of the broker's own (stats, lag reports, Last Wills): queued

@@ -287,7 +287,7 @@ impl Router {
     /// Who gets `msg`, and how: one entry per session (overlapping subscriptions merged:
     /// highest QoS, every subscription identifier), No Local and read access applied, one
     /// member per shared group.
-    pub fn targets(&self, msg: &Arc<Message>, out: &mut Vec<(Arc<Session>, Queued)>) {
+    pub fn targets(&self, msg: &Arc<Message>, out: &mut impl Extend<(Arc<Session>, Queued)>) {
         let topic = msg.topic_str();
         let tree = self.tree();
         let mut per: HashMap<u64, (Arc<Session>, Queued)> = HashMap::new();
