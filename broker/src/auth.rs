@@ -21,12 +21,12 @@ const SALT_LEN: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
     /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("password file {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (not a `source`: it is part of this message, said once).
+        error: std::io::Error,
     },
     /// A line is not `user:hash` with a known hash format.
     #[error("{path}:{line}: {reason}")]
@@ -70,9 +70,9 @@ impl fmt::Debug for PasswordFile {
 impl PasswordFile {
     /// Reads and parses a password file.
     pub fn load(path: &Path) -> Result<PasswordFile, PasswordFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| PasswordFileError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|(line, reason)| PasswordFileError::Line {
             path: path.to_owned(),

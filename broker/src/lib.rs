@@ -73,12 +73,12 @@ pub enum BrokerError {
     #[error(transparent)]
     PasswordFile(#[from] auth::PasswordFileError),
     /// A listener could not bind.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (part of this message, said once).
+        error: std::io::Error,
     },
     /// The runtime or the router could not start.
     #[error("cannot start the broker: {0}")]
@@ -188,9 +188,9 @@ impl Broker {
 
         let bind = |addr: SocketAddr| {
             let l = std::net::TcpListener::bind(addr)
-                .map_err(|source| BrokerError::Bind { addr, source })?;
+                .map_err(|error| BrokerError::Bind { addr, error })?;
             l.set_nonblocking(true)
-                .map_err(|source| BrokerError::Bind { addr, source })?;
+                .map_err(|error| BrokerError::Bind { addr, error })?;
             Ok::<_, BrokerError>(l)
         };
         let tcp = bind(config.listen)?;

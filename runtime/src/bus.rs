@@ -298,6 +298,8 @@ struct Inner {
     sub_ids: AtomicBool,
     counters: Counters,
     connected: watch::Sender<bool>,
+    /// Why the last connection attempt failed; cleared by a CONNACK.
+    failure: watch::Sender<Option<ConnectFailure>>,
     hooks: Mutex<Vec<ConnectHook>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
     next_request: AtomicU64,
@@ -462,6 +464,7 @@ impl Bus {
         mqtt.set_network_options(net);
         let (client, eventloop) = AsyncClient::new(mqtt, options.queue_capacity.max(1));
         let (connected, _) = watch::channel(false);
+        let (failure, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             client,
             options,
@@ -470,6 +473,7 @@ impl Bus {
             sub_ids: AtomicBool::new(true),
             counters: Counters::default(),
             connected,
+            failure,
             hooks: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -534,6 +538,32 @@ impl Bus {
         tokio::time::timeout(timeout, rx.wait_for(|c| *c))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits for the first outcome of connecting, at most `timeout`: `Ok` once connected,
+    /// or why the last attempt failed, as soon as one has (the connection task keeps
+    /// retrying in the background). A caller that makes one request (`edgebus call`) fails
+    /// at once with the reason instead of waiting out its timeout.
+    pub async fn connect_outcome(&self, timeout: Duration) -> Result<(), ConnectFailure> {
+        let mut connected = self.inner.connected.subscribe();
+        let mut failure = self.inner.failure.subscribe();
+        let wait = async {
+            loop {
+                if *connected.borrow_and_update() {
+                    return Ok(());
+                }
+                if let Some(f) = failure.borrow_and_update().clone() {
+                    return Err(f);
+                }
+                tokio::select! {
+                    r = connected.changed() => if r.is_err() { return Err(ConnectFailure::Closed) },
+                    r = failure.changed() => if r.is_err() { return Err(ConnectFailure::Closed) },
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(ConnectFailure::NoAnswer(timeout)))
     }
 
     /// A receiver that changes whenever the connection goes up or down.
@@ -1043,11 +1073,58 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
+/// Why a connection attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectFailure {
+    /// Nothing answered at the address (refused, unreachable, a name that does not resolve).
+    #[error("cannot reach the broker: {0}")]
+    Unreachable(String),
+    /// The broker answered and refused the CONNECT (credentials, authorization, limits).
+    #[error("the broker refused the connection: {0}")]
+    Refused(String),
+    /// Neither a CONNACK nor a failure within the time given.
+    #[error("no answer from the broker within {}", humantime::format_duration(*.0))]
+    NoAnswer(Duration),
+    /// The bus was closed.
+    #[error("the bus was closed")]
+    Closed,
+}
+
+impl ConnectFailure {
+    fn of(e: &ConnectionError) -> ConnectFailure {
+        match e {
+            ConnectionError::ConnectionRefused(code) => ConnectFailure::Refused(refusal(code)),
+            other => ConnectFailure::Unreachable(describe(other)),
+        }
+    }
+}
+
+/// A CONNACK reason in words: `BadUserNamePassword` → "bad user name or password".
+fn refusal(code: &rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword => "bad user name or password".into(),
+        C::NotAuthorized => "not authorized".into(),
+        C::QuotaExceeded => "quota exceeded (too many connections)".into(),
+        other => {
+            let name = format!("{other:?}");
+            let mut words = String::new();
+            for (i, c) in name.chars().enumerate() {
+                if c.is_uppercase() && i > 0 {
+                    words.push(' ');
+                }
+                words.extend(c.to_lowercase());
+            }
+            words
+        }
+    }
+}
+
 fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => format!("{io}"),
         ConnectionError::ConnectionRefused(code) => {
-            format!("broker refused the connection: {code:?}")
+            format!("broker refused the connection: {}", refusal(code))
         }
         ConnectionError::Timeout(_) => "connect timed out".into(),
         other => other.to_string(),
@@ -1078,6 +1155,7 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
                 up_since = Some(Instant::now());
+                inner.failure.send_replace(None);
                 inner.counters.connects.fetch_add(1, Ordering::Relaxed);
                 let ids = ack
                     .properties
@@ -1179,6 +1257,7 @@ async fn drive(weak: std::sync::Weak<Inner>, mut el: EventLoop) {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 let was_up = inner.connected.send_replace(false);
+                inner.failure.send_replace(Some(ConnectFailure::of(&e)));
                 failures += 1;
                 if was_up {
                     down_since = Some(Instant::now());

@@ -118,6 +118,45 @@ pub enum EventError {
     Bus(#[from] BusError),
 }
 
+/// Decodes a request's JSON into a handler's type. The error names the field that does not
+/// fit (``field `key`: invalid type: integer `5`, expected a string``), and speaks of JSON, never of
+/// the Rust type it was decoded into.
+pub fn decode_payload<T: DeserializeOwned>(data: Value) -> Result<T, String> {
+    let empty = data.is_null();
+    serde_path_to_error::deserialize(data).map_err(|e| {
+        let path = e.path().to_string();
+        let message = json_words(&e.into_inner().to_string());
+        match (path.as_str(), empty) {
+            (".", true) => format!("payload: empty; {message}"),
+            (".", false) => format!("payload: {message}"),
+            (p, _) => format!("field `{p}`: {message}"),
+        }
+    })
+}
+
+/// serde's "expected struct Put" / "expected tuple struct Pair" / "expected a map" spoken as
+/// JSON: "expected a JSON object" / "expected a JSON array".
+fn json_words(message: &str) -> String {
+    let mut out = message.to_owned();
+    for (rust, json) in [
+        ("expected tuple struct ", "expected a JSON array"),
+        ("expected struct variant ", "expected a JSON object"),
+        ("expected struct ", "expected a JSON object"),
+        ("expected unit struct ", "expected null"),
+        ("expected enum ", "expected one of its names"),
+    ] {
+        while let Some(at) = out.find(rust) {
+            let rest = &out[at + rust.len()..];
+            let name_len = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(rest.len());
+            out = format!("{}{json}{}", &out[..at], &rest[name_len..]);
+        }
+    }
+    out.replace("expected a map", "expected a JSON object")
+        .replace("expected a sequence", "expected a JSON array")
+}
+
 /// Builds a service: its endpoints, its events, and its contract.
 pub struct ServiceBuilder {
     spec: ServiceSpec,
@@ -262,8 +301,7 @@ impl ServiceBuilder {
                     user_properties,
                     bus,
                 } = req;
-                let data: T = serde_json::from_value(data)
-                    .map_err(|e| ServiceError::bad_request(format!("payload: {e}")))?;
+                let data: T = decode_payload(data).map_err(ServiceError::bad_request)?;
                 let out = handler(Request {
                     data,
                     topic,
@@ -1303,4 +1341,41 @@ pub fn reply_error(
     let mut data: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
     let meta = RequestMeta::take(&mut data).unwrap_or_default();
     ReplyAddress::of(msg, &meta).reply(bus, None, instance, None, Some(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Put {
+        key: String,
+        value: Value,
+        #[serde(default)]
+        nested: Option<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        n: u32,
+    }
+
+    #[test]
+    fn decode_errors_name_the_field_and_speak_json() {
+        let e = decode_payload::<Put>(serde_json::json!({"key": 5})).unwrap_err();
+        assert!(e.starts_with("field `key`: invalid type: integer `5`"), "{e}");
+        let e = decode_payload::<Put>(serde_json::json!({"key": "a", "value": 1, "nested": {"n": "x"}}))
+            .unwrap_err();
+        assert!(e.starts_with("field `nested.n`:"), "{e}");
+        let e = decode_payload::<Put>(Value::Null).unwrap_err();
+        assert!(e.starts_with("payload: empty;"), "{e}");
+        assert!(e.contains("expected a JSON object"), "{e}");
+        assert!(!e.contains("Put"), "a Rust type name leaked: {e}");
+        let e = decode_payload::<Put>(serde_json::json!([1])).unwrap_err();
+        assert!(!e.contains("Put"), "a Rust type name leaked: {e}");
+        let e = decode_payload::<Put>(serde_json::json!({"value": 1})).unwrap_err();
+        assert_eq!(e, "payload: missing field `key`");
+    }
 }

@@ -48,10 +48,14 @@ pub struct UpConfig {
 impl Default for UpConfig {
     fn default() -> Self {
         UpConfig {
-            services: vec!["echo".into(), "hostmetrics".into()],
+            services: vec!["echo".into(), "hostmetrics".into(), "kv".into()],
         }
     }
 }
+
+/// The shipped topics.toml, compiled in: what every part runs with when no `-c` is given, so
+/// the built-in defaults and the documented file cannot drift apart.
+pub const SHIPPED: &str = include_str!("../../topics.toml");
 
 /// A configuration error, located.
 #[derive(Debug)]
@@ -91,6 +95,70 @@ impl TopicsFile {
             message: format!("cannot read: {e}"),
         })?;
         Self::parse(&text, path)
+    }
+
+    /// The built-in configuration: the shipped topics.toml ([`SHIPPED`]).
+    pub fn builtin() -> TopicsFile {
+        // The unit test `shipped_file_is_valid` keeps this from failing.
+        Self::parse(SHIPPED, Path::new("<built-in topics.toml>"))
+            .unwrap_or_else(|e| panic!("the built-in topics.toml is invalid: {e}"))
+    }
+
+    /// Reads and validates a topics.toml, then checks what the parts would otherwise refuse
+    /// only when they start: the password file (read and parsed as the broker does) and, when
+    /// sagas are declared, the journal's directory. `edgebus check-config` runs this, so a unit's
+    /// `ExecStartPre=` catches every refusal before the part runs.
+    pub fn load_checked(path: &Path) -> Result<TopicsFile, ConfigError> {
+        let file = Self::load(path)?;
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        file.check_startable(&text, path)?;
+        Ok(file)
+    }
+
+    /// The start-time checks of [`TopicsFile::load_checked`], on a parsed file; `text` is
+    /// its source, for line numbers.
+    pub fn check_startable(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        if let Some(pw) = &self.broker.auth.password_file {
+            if let Err(e) = edgebus_broker::auth::PasswordFile::load(pw) {
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "broker.auth", "password_file"),
+                    key: Some("broker.auth.password_file".into()),
+                    message: e.to_string(),
+                });
+            }
+        }
+        if !self.saga.is_empty() {
+            let journal = self.orchestrator.journal_path();
+            let dir = match journal.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            let problem = match std::fs::metadata(&dir) {
+                Err(e) => Some(format!(
+                    "the saga journal's directory {}: {e}",
+                    dir.display()
+                )),
+                Ok(m) if !m.is_dir() => Some(format!(
+                    "the saga journal's directory {} is not a directory",
+                    dir.display()
+                )),
+                Ok(m) if m.permissions().readonly() => Some(format!(
+                    "the saga journal's directory {} is read-only",
+                    dir.display()
+                )),
+                Ok(_) => None,
+            };
+            if let Some(message) = problem {
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "orchestrator", "journal"),
+                    key: Some("orchestrator.journal".into()),
+                    message,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates topics.toml text; `path` is only used in errors.
@@ -250,8 +318,46 @@ mod tests {
 
     #[test]
     fn shipped_file_is_valid() {
-        let text = include_str!("../../topics.toml");
-        TopicsFile::parse(text, Path::new("topics.toml")).expect("shipped topics.toml");
+        TopicsFile::parse(SHIPPED, Path::new("topics.toml")).expect("shipped topics.toml");
+    }
+
+    /// A key left out of a user's file takes its default; the shipped file writes every key
+    /// out. The two agree, table by table, so leaving a key out never changes what runs.
+    #[test]
+    fn defaults_are_the_shipped_values() {
+        let shipped = TopicsFile::builtin();
+        let d = TopicsFile::default();
+        assert_eq!(format!("{:?}", shipped.bus), format!("{:?}", d.bus));
+        assert_eq!(format!("{:?}", shipped.broker), format!("{:?}", d.broker));
+        assert_eq!(format!("{:?}", shipped.up), format!("{:?}", d.up));
+        assert_eq!(
+            format!("{:?}", shipped.hostmetrics),
+            format!("{:?}", d.hostmetrics)
+        );
+        assert_eq!(
+            format!("{:?}", shipped.discovery),
+            format!("{:?}", d.discovery)
+        );
+        assert_eq!(format!("{:?}", shipped.health), format!("{:?}", d.health));
+        assert_eq!(
+            format!("{:?}", shipped.orchestrator),
+            format!("{:?}", d.orchestrator)
+        );
+        // The lists are what a file declares: the shipped one declares the `order` saga.
+        assert_eq!(shipped.saga.len(), 1);
+        assert_eq!(shipped.saga[0].name, "order");
+    }
+
+    #[test]
+    fn a_missing_password_file_is_refused_with_its_key() {
+        let text = "[broker.auth]\npassword_file = \"/nonexistent/edgebus-passwd\"\n";
+        let file = TopicsFile::parse(text, Path::new("t.toml")).expect("parses");
+        let e = file
+            .check_startable(text, Path::new("t.toml"))
+            .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.key.as_deref(), Some("broker.auth.password_file"), "{e}");
+        assert!(e.message.contains("/nonexistent/edgebus-passwd"), "{e}");
     }
 
     #[test]

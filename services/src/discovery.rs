@@ -62,6 +62,59 @@ impl Registry {
             .any(|e| e.service == service && e.online)
     }
 
+    /// Why a request on `topic` to `service` has no responder, or `None` when an online
+    /// instance serves it: no instance online, or none of the online ones registered an
+    /// endpoint with that request topic. `edge/saga/{name}/request` is served by any online
+    /// instance with the `saga` capability (the orchestrator answers an unknown saga itself).
+    pub fn no_responder(&self, service: &str, topic: &str) -> Option<String> {
+        if service == "saga" {
+            let online = self.entries.iter().any(|e| {
+                e.online
+                    && e.record["capabilities"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|v| v == "saga"))
+            });
+            let name = topic.rsplit('/').nth(1).unwrap_or_default();
+            return (!online).then(|| {
+                format!("no orchestrator is online to run saga `{name}` (`edgebus orchestrator`, or `edgebus up` with [[saga]] in topics.toml)")
+            });
+        }
+        let mut known = false;
+        let mut online = false;
+        let mut endpoints = std::collections::BTreeSet::new();
+        for e in self.entries.iter().filter(|e| e.service == service) {
+            known = true;
+            if !e.online {
+                continue;
+            }
+            online = true;
+            let Some(list) = e.record["endpoints"].as_array() else {
+                // A registration that does not list its endpoints: assume it serves.
+                return None;
+            };
+            for ep in list {
+                if ep["request_topic"] == topic {
+                    return None;
+                }
+                if let Some(n) = ep["name"].as_str() {
+                    endpoints.insert(n.to_owned());
+                }
+            }
+        }
+        let endpoint = topic.rsplit('/').nth(1).unwrap_or_default();
+        Some(match (known, online) {
+            (false, _) => format!("no service `{service}` is registered"),
+            (true, false) => format!("no instance of `{service}` is online"),
+            (true, true) if endpoints.is_empty() => {
+                format!("`{service}` serves no endpoints, so nothing answers `{endpoint}`")
+            }
+            (true, true) => format!(
+                "`{service}` has no endpoint `{endpoint}` (its endpoints: {})",
+                endpoints.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
     /// Records matching the filters (`service`, `capability`, `tag`, `status`), sorted.
     pub fn list(&self, filter: &ListFilter) -> Vec<Value> {
         let mut out: Vec<(String, Value)> = self
@@ -192,22 +245,26 @@ pub async fn start(
         let levels = prefix.split('/').count();
         service.spawn(async move {
             while let Some(msg) = requests.recv().await {
-                let Some(target) = msg.topic.split('/').nth(levels) else {
+                let Some(target) = msg.topic.split('/').nth(levels).map(str::to_owned) else {
                     continue;
                 };
                 if !s.load(Ordering::Relaxed)
-                    || RESERVED_SERVICE_NAMES.contains(&target)
-                    || r.has_online(target)
+                    || (target != "saga" && RESERVED_SERVICE_NAMES.contains(&target.as_str()))
+                    || r.no_responder(&target, &msg.topic).is_none()
                 {
                     continue;
                 }
-                let known = r.entries.iter().any(|e| e.service == target);
-                let message = if known {
-                    format!("no instance of `{target}` is online")
-                } else {
-                    format!("no service `{target}` is registered")
-                };
-                let _ = reply_error(&b, &msg, &me, ErrorBody::new(code::NO_RESPONDERS, message));
+                // A registration and a request published one after the other reach us on
+                // two subscriptions; look again once the first has had its turn, so that an
+                // instance that just registered is not answered for.
+                let (b, r, me) = (b.clone(), r.clone(), me.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    if let Some(message) = r.no_responder(&target, &msg.topic) {
+                        let body = ErrorBody::new(code::NO_RESPONDERS, message);
+                        let _ = reply_error(&b, &msg, &me, body);
+                    }
+                });
             }
         });
     }

@@ -103,7 +103,7 @@ enum Cmd {
     Call {
         /// SERVICE/ENDPOINT, or a full request topic ending in /request.
         target: String,
-        /// The request, JSON (default: {}).
+        /// The request, JSON (default: {}); `-` reads it from stdin, `@FILE` from a file.
         payload: Option<String>,
         /// topics.toml (default: built-in defaults).
         #[arg(short, long, env = "EDGEBUS_CONFIG")]
@@ -111,8 +111,8 @@ enum Cmd {
         /// The broker, host:port (default: `bus.broker` of topics.toml).
         #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
-        /// How long to wait for the reply.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        /// How long to wait for the reply (above zero).
+        #[arg(long, default_value = "5s", value_parser = positive_duration)]
         timeout: Duration,
     },
 }
@@ -205,6 +205,15 @@ struct BenchArgs {
     only: Vec<String>,
 }
 
+/// A duration above zero, such as `500ms` or `5s`.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be above zero, e.g. 500ms or 5s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// jemalloc: memory a connection reserves but never touches (rumqttd sizes several queues per
 /// connection up front) costs address space, not RSS, and freed memory goes back to the OS.
 #[global_allocator]
@@ -237,11 +246,12 @@ fn purge_arenas() {
 fn main() -> ExitCode {
     edgebus_broker::set_heap_trimmer(purge_arenas);
     let cli = Cli::parse_from(multicall_args(std::env::args_os()));
-    // The bench prints a table; its in-process parts only speak up about trouble.
-    edgebus_services::logging::init(if matches!(cli.command, Cmd::Bench(_)) {
-        "warn,rumqttd=off"
-    } else {
-        "info,rumqttd=off"
+    // The bench prints a table and the one-shot commands print their answer: their
+    // in-process parts only speak up about trouble they do not report themselves.
+    edgebus_services::logging::init(match cli.command {
+        Cmd::Bench(_) => "warn,rumqttd=off",
+        Cmd::Call { .. } | Cmd::Services { .. } | Cmd::Health { run: None, .. } => "error",
+        _ => "info,rumqttd=off",
     });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,7 +285,7 @@ fn multicall_args(args: std::env::ArgsOs) -> Vec<std::ffi::OsString> {
 fn load(config: Option<&Path>) -> anyhow::Result<TopicsFile> {
     match config {
         Some(p) => Ok(TopicsFile::load(p)?),
-        None => Ok(TopicsFile::default()),
+        None => Ok(TopicsFile::builtin()),
     }
 }
 
@@ -358,9 +368,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::CheckConfig { config } => {
-            let file = load(config.as_deref())?;
-            let name =
-                config.map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
+            let file = match config.as_deref() {
+                Some(p) => TopicsFile::load_checked(p)?,
+                None => {
+                    let f = TopicsFile::builtin();
+                    f.check_startable(edgebus_services::config::SHIPPED, Path::new("<built-in>"))?;
+                    f
+                }
+            };
+            let name = config.map_or_else(
+                || "built-in defaults (the shipped topics.toml)".into(),
+                |p| p.display().to_string(),
+            );
             println!(
                 "{name}: ok (prefix `{}`, broker listens on {})",
                 file.bus.prefix, file.broker.listen

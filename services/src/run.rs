@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
+use edgebus_runtime::bus::{random_u64, Bus, BusOptions, ConnectFailure};
 use edgebus_runtime::request::{RequestError, RequestOptions};
 use edgebus_runtime::wire::{timestamp, ReplyBody};
 
@@ -52,6 +52,7 @@ pub async fn run_service(
         }
     };
     let mut supervisor = None;
+    let mut stopped = false;
     tokio::select! {
         _ = ready => {
             println!("edgebus service {name} ready as {}", service.instance());
@@ -67,9 +68,13 @@ pub async fn run_service(
                 let _ = tx.send(service.clone());
             }
         }
-        _ = &mut stop => {}
+        _ = &mut stop => stopped = true,
     }
-    stop.await;
+    // A stop that came while connecting has completed already: awaiting it again would
+    // resume a finished future.
+    if !stopped {
+        stop.await;
+    }
     tracing::info!(service = name, "stopping");
     if let Some(s) = supervisor {
         s.stopping(&format!(
@@ -118,8 +123,21 @@ pub async fn call(
     payload: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<(ReplyBody, bool)> {
-    let payload = payload.unwrap_or("{}");
-    if let Err(e) = serde_json::from_str::<serde_json::Value>(payload) {
+    if timeout.is_zero() {
+        bail!("--timeout must be above zero (e.g. 500ms, 5s)");
+    }
+    let well_formed = target.ends_with("/request")
+        || target
+            .split_once('/')
+            .is_some_and(|(s, e)| !s.is_empty() && !e.is_empty() && !e.contains('/'));
+    if !well_formed {
+        bail!(
+            "`{target}`: give SERVICE/ENDPOINT (e.g. echo/echo), or a request topic ending in \
+             /request; `edgebus services` lists what is registered"
+        );
+    }
+    let payload = request_payload(payload)?;
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&payload) {
         bail!("the request is not JSON: {e}");
     }
     let broker = broker.unwrap_or(&file.bus.broker).to_owned();
@@ -134,14 +152,27 @@ pub async fn call(
     o.max_payload = file.broker.max_payload.0 as usize;
     o.queue_capacity = 8;
     let bus = Bus::connect(o)?;
-    if !bus.wait_connected(timeout).await {
+    let t0 = std::time::Instant::now();
+    // The first failure ends the call at once, with its reason (a refused connection, bad
+    // credentials), rather than a wait for the whole timeout.
+    if let Err(e) = bus.connect_outcome(timeout).await {
         bus.close(Duration::ZERO).await;
-        return Err(anyhow!("cannot reach the broker at {broker}"));
+        return Err(match e {
+            ConnectFailure::Unreachable(why) => anyhow!("cannot reach the broker at {broker}: {why}"),
+            ConnectFailure::Refused(why) => {
+                anyhow!("the broker at {broker} refused the connection: {why}")
+            }
+            other => anyhow!("the broker at {broker}: {other}"),
+        });
     }
     // The reply subscription must be active before the request goes out.
-    if !bus.sync(timeout).await {
+    if !bus.sync(timeout.saturating_sub(t0.elapsed())).await {
         bus.close(Duration::ZERO).await;
-        return Err(anyhow!("the broker at {broker} did not answer"));
+        return Err(anyhow!(
+            "{broker}: the broker accepted the connection but did not confirm the reply \
+             subscription within {}",
+            humantime::format_duration(timeout)
+        ));
     }
     // The contract's retry and circuit policies apply to the call.
     bus.apply_contract(&file.service);
@@ -149,7 +180,7 @@ pub async fn call(
     let r = bus
         .request_reply(
             &topic,
-            Bytes::from(payload.to_owned()),
+            Bytes::from(payload),
             &RequestOptions::timeout(timeout),
         )
         .await;
@@ -160,6 +191,26 @@ pub async fn call(
             Ok((reply, ok))
         }
         Err(e) => Ok((error_reply(&e), false)),
+    }
+}
+
+/// The request body of `edgebus call`: `{}` when none is given, the argument itself, `-` for
+/// stdin, or `@FILE` for a file's contents (a shell caps arguments near 128 KiB).
+fn request_payload(arg: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    match arg {
+        None => Ok(b"{}".to_vec()),
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| anyhow!("reading the request from stdin: {e}"))?;
+            Ok(buf)
+        }
+        Some(a) if a.starts_with('@') => {
+            std::fs::read(&a[1..]).map_err(|e| anyhow!("reading the request from {}: {e}", &a[1..]))
+        }
+        Some(a) => Ok(a.as_bytes().to_vec()),
     }
 }
 

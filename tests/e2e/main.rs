@@ -4,6 +4,7 @@
 mod broker;
 mod conformance;
 mod faults;
+mod first_hour;
 mod hardening;
 mod harness;
 mod health;
