@@ -1365,9 +1365,14 @@ mod tests {
     #[test]
     fn decode_errors_name_the_field_and_speak_json() {
         let e = decode_payload::<Put>(serde_json::json!({"key": 5})).unwrap_err();
-        assert!(e.starts_with("field `key`: invalid type: integer `5`"), "{e}");
-        let e = decode_payload::<Put>(serde_json::json!({"key": "a", "value": 1, "nested": {"n": "x"}}))
-            .unwrap_err();
+        assert!(
+            e.starts_with("field `key`: invalid type: integer `5`"),
+            "{e}"
+        );
+        let e = decode_payload::<Put>(
+            serde_json::json!({"key": "a", "value": 1, "nested": {"n": "x"}}),
+        )
+        .unwrap_err();
         assert!(e.starts_with("field `nested.n`:"), "{e}");
         let e = decode_payload::<Put>(Value::Null).unwrap_err();
         assert!(e.starts_with("payload: empty;"), "{e}");

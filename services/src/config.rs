@@ -352,9 +352,7 @@ mod tests {
     fn a_missing_password_file_is_refused_with_its_key() {
         let text = "[broker.auth]\npassword_file = \"/nonexistent/edgebus-passwd\"\n";
         let file = TopicsFile::parse(text, Path::new("t.toml")).expect("parses");
-        let e = file
-            .check_startable(text, Path::new("t.toml"))
-            .unwrap_err();
+        let e = file.check_startable(text, Path::new("t.toml")).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert_eq!(e.key.as_deref(), Some("broker.auth.password_file"), "{e}");
         assert!(e.message.contains("/nonexistent/edgebus-passwd"), "{e}");

@@ -158,7 +158,9 @@ pub async fn call(
     if let Err(e) = bus.connect_outcome(timeout).await {
         bus.close(Duration::ZERO).await;
         return Err(match e {
-            ConnectFailure::Unreachable(why) => anyhow!("cannot reach the broker at {broker}: {why}"),
+            ConnectFailure::Unreachable(why) => {
+                anyhow!("cannot reach the broker at {broker}: {why}")
+            }
             ConnectFailure::Refused(why) => {
                 anyhow!("the broker at {broker} refused the connection: {why}")
             }
