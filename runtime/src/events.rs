@@ -16,7 +16,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::bus::{random_u64, Bus, BusError, PublishOptions, Subscriber};
-use crate::service::{EventError, Service};
+use crate::contract::EventSpec;
+use crate::service::{EventError, Service, ServiceInner};
 use crate::wire::timestamp;
 
 /// One event as it travels: `{"id", "type", "source", "time", "correlation_id", "data"}`.
@@ -48,7 +49,30 @@ pub struct DecodeError {
     pub message: String,
 }
 
-impl Service {
+/// Publishes one service's declared events. A handler has one in its
+/// [`crate::service::Request`] (`req.emit(…)`); [`Service::emitter`] gives one to any task.
+#[derive(Clone)]
+pub struct Emitter(pub(crate) Arc<ServiceInner>);
+
+impl std::fmt::Debug for Emitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emitter")
+            .field("service", &self.0.name)
+            .field("instance", &self.0.instance)
+            .finish()
+    }
+}
+
+impl Emitter {
+    fn event_spec(&self, name: &str) -> Result<&EventSpec, EventError> {
+        self.0
+            .spec
+            .events
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| EventError::Undeclared(name.to_owned()))
+    }
+
     fn envelope<T: Serialize>(
         &self,
         name: &str,
@@ -66,8 +90,8 @@ impl Service {
         }
         Ok(Event {
             id: format!("{:016x}", random_u64()),
-            kind: format!("{}.{}", self.name(), name.replace('/', ".")),
-            source: format!("{}/{}", self.name(), self.instance()),
+            kind: format!("{}.{}", self.0.name, name.replace('/', ".")),
+            source: format!("{}/{}", self.0.name, self.0.instance),
             time: timestamp(),
             correlation_id,
             data,
@@ -88,14 +112,38 @@ impl Service {
     ) -> Result<(), EventError> {
         let event = self.envelope(name, data, correlation_id)?;
         let spec = self.event_spec(name)?;
-        let topic = spec.topic(self.bus().prefix(), self.name());
+        let topic = spec.topic(self.0.bus.prefix(), &self.0.name);
         let opts = PublishOptions {
             qos: spec.qos,
             retain: spec.retain,
             properties: None,
         };
-        self.bus().publish_json(&topic, &event, opts).await?;
+        self.0.bus.publish_json(&topic, &event, opts).await?;
         Ok(())
+    }
+}
+
+impl Service {
+    /// A handle that publishes this service's events, for tasks that outlive a request.
+    pub fn emitter(&self) -> Emitter {
+        Emitter(self.inner().clone())
+    }
+
+    /// Publishes a declared event.
+    pub async fn emit<T: Serialize>(&self, name: &str, data: &T) -> Result<(), EventError> {
+        self.emitter().emit(name, data).await
+    }
+
+    /// Publishes a declared event that belongs to a request.
+    pub async fn emit_correlated<T: Serialize>(
+        &self,
+        name: &str,
+        data: &T,
+        correlation_id: Option<String>,
+    ) -> Result<(), EventError> {
+        self.emitter()
+            .emit_correlated(name, data, correlation_id)
+            .await
     }
 
     /// A publisher that sends events of `name` in batches (a JSON array of envelopes per

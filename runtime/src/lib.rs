@@ -8,6 +8,8 @@
 //! - [`wire`]: error codes, the reply body, request metadata.
 //!
 //! With the `client` feature (on by default):
+//! - [`app`]: a service as a program: options from the environment, the stop signal, and
+//!   [`service::ServiceBuilder::run`], an instance's whole life in one call.
 //! - [`bus`]: one resilient MQTT 5 connection per process.
 //! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks.
 //! - [`request`]: the client side of request/response.
@@ -17,6 +19,8 @@
 //! - [`stats`]: per-endpoint counters and latency percentiles.
 //! - [`systemd`]: readiness, status and a watchdog that pings only while the loops are healthy.
 //! - [`metrics`]: Prometheus text for a process's buses and services, and a tiny HTTP server.
+//! - [`logging`]: log lines to journald with fields, or timestamped to stderr
+//!   ([`init_logging`]).
 
 pub mod config;
 pub mod contract;
@@ -25,9 +29,13 @@ pub mod topic;
 pub mod wire;
 
 #[cfg(feature = "client")]
+pub mod app;
+#[cfg(feature = "client")]
 pub mod bus;
 #[cfg(feature = "client")]
 pub mod events;
+#[cfg(feature = "client")]
+pub mod logging;
 #[cfg(feature = "client")]
 pub mod metrics;
 #[cfg(feature = "client")]
@@ -43,9 +51,18 @@ pub mod stats;
 #[cfg(feature = "client")]
 pub mod systemd;
 
+/// Installs the log output a service needs, once, at the start of `main`: journald with
+/// fields under systemd, timestamped lines otherwise, at `info` unless `EDGEBUS_LOG` (or
+/// `RUST_LOG`) says otherwise. See [`logging`].
+#[cfg(feature = "client")]
+pub fn init_logging() {
+    logging::init("info,rumqttc=warn");
+}
+
 /// What a service author needs, in one import.
 #[cfg(feature = "client")]
 pub mod prelude {
+    pub use crate::app::shutdown_signal;
     pub use crate::bus::{Bus, BusOptions, Message, PublishOptions};
     pub use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
     pub use crate::events::{Event, EventStream};

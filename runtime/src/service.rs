@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
 use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
+use crate::events::Emitter;
 use crate::policy::TokenBucket;
 use crate::presence::{birth_record, Check, Checks, Presence};
 use crate::stats::{EndpointSnapshot, EndpointStats};
@@ -59,6 +60,33 @@ pub struct Request<T> {
     pub user_properties: Vec<(String, String)>,
     /// The bus, for calls to other services.
     pub bus: Bus,
+    /// The service's events, for [`Request::emit`].
+    events: Emitter,
+}
+
+impl<T> Request<T> {
+    /// Publishes one of the service's declared events, carrying this request's
+    /// correlation id.
+    pub async fn emit<E: Serialize>(&self, event: &str, data: &E) -> Result<(), EventError> {
+        self.events
+            .emit_correlated(event, data, self.correlation_id.clone())
+            .await
+    }
+
+    /// The value of the request's MQTT 5 user property `key`, if it has one.
+    pub fn user_property(&self, key: &str) -> Option<&str> {
+        self.user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An event that could not be published fails the request that tried, as an internal error.
+impl From<EventError> for ServiceError {
+    fn from(e: EventError) -> ServiceError {
+        ServiceError::internal(e.to_string())
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -89,6 +117,14 @@ pub enum StartError {
         /// The service.
         service: String,
         /// What disagrees.
+        message: String,
+    },
+    /// topics.toml (`EDGEBUS_CONFIG`) could not be read or is invalid.
+    #[error("{}: {message}", file.display())]
+    Config {
+        /// The file.
+        file: std::path::PathBuf,
+        /// What is wrong, with the line and key when known.
         message: String,
     },
     /// Subscribing failed.
@@ -190,6 +226,13 @@ impl BusOptions {
         o.watch_lag = true;
         o
     }
+
+    /// Options for an instance of `service` from the environment: `EDGEBUS_BROKER`,
+    /// `EDGEBUS_INSTANCE`, and `[bus]` of the topics.toml `EDGEBUS_CONFIG` names (see
+    /// [`crate::app::Environment`]).
+    pub fn from_env(service: &str) -> Result<BusOptions, StartError> {
+        Ok(crate::app::Environment::load()?.bus_options(service))
+    }
 }
 
 impl ServiceBuilder {
@@ -208,6 +251,16 @@ impl ServiceBuilder {
             heartbeat: Duration::from_secs(1),
             checks: Checks::default(),
         }
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Whether [`ServiceBuilder::contract`] was given.
+    pub(crate) fn has_contract(&self) -> bool {
+        self.declared.is_some() || !self.contract.is_empty()
     }
 
     /// How often the instance publishes its heartbeat (default 1 s; zero: never).
@@ -300,6 +353,7 @@ impl ServiceBuilder {
                     deadline,
                     user_properties,
                     bus,
+                    events,
                 } = req;
                 let data: T = decode_payload(data).map_err(ServiceError::bad_request)?;
                 let out = handler(Request {
@@ -309,6 +363,7 @@ impl ServiceBuilder {
                     deadline,
                     user_properties,
                     bus,
+                    events,
                 })
                 .await?;
                 serde_json::to_value(out)
@@ -487,13 +542,13 @@ impl ServiceBuilder {
     }
 }
 
-struct ServiceInner {
+pub(crate) struct ServiceInner {
     presence: Option<Arc<Presence>>,
-    name: String,
-    instance: String,
+    pub(crate) name: String,
+    pub(crate) instance: String,
     version: String,
-    bus: Bus,
-    spec: ServiceSpec,
+    pub(crate) bus: Bus,
+    pub(crate) spec: ServiceSpec,
     deadletter: String,
     started: Instant,
     stats: BTreeMap<String, Arc<EndpointStats>>,
@@ -520,6 +575,10 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    pub(crate) fn inner(&self) -> &Arc<ServiceInner> {
+        &self.inner
+    }
+
     /// The service name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -1052,6 +1111,7 @@ impl EndpointCtx {
                 .map(|p| p.user_properties.clone())
                 .unwrap_or_default(),
             bus: self.service.bus.clone(),
+            events: Emitter(self.service.clone()),
         };
         let fut = AssertUnwindSafe(self.handler.call(req)).catch_unwind();
         match tokio::time::timeout(budget, fut).await {

@@ -404,6 +404,12 @@ impl Ctx {
             self.publish_status(service).await;
             return;
         }
+        let removed = m.payload.is_empty() && !forget_service;
+        if removed && transitions.is_empty() {
+            // An offline instance expired while others live: the record must stop listing it.
+            self.publish_status(service).await;
+            return;
+        }
         if forget_service {
             self.announce(transitions).await;
             let opts = PublishOptions::retained();

@@ -5,13 +5,12 @@
 //! - [`bench`]: the `edgebus bench` scenarios; [`detect`], its failure-detection scenario;
 //!   [`overload`], the ones that push a broker past what its subscribers take.
 //! - [`passwd`]: `edgebus passwd`.
-//! - [`examples`]: the built-in example services (`echo`, `hostmetrics`).
+//! - [`examples`]: the built-in example services (`echo`, `hostmetrics`, `kv`).
 //! - [`discovery`], [`health`]: the registry and the health monitor, as services.
 //! - [`orchestrator`]: the sagas of topics.toml, run durably.
 //! - [`views`]: `edgebus services` and `edgebus health`.
 //! - [`run`]: running services and making calls from the command line.
 //! - [`ops`]: systemd readiness and watchdog, status lines, Prometheus metrics.
-//! - [`logging`]: log output for a terminal, for systemd, and to the journal with fields.
 
 pub mod bench;
 pub mod config;
@@ -19,7 +18,6 @@ pub mod detect;
 pub mod discovery;
 pub mod examples;
 pub mod health;
-pub mod logging;
 pub mod ops;
 pub mod orchestrator;
 pub mod overload;

@@ -58,8 +58,9 @@ enum Cmd {
         /// The broker, host:port (default: `bus.broker` of topics.toml).
         #[arg(long, env = "EDGEBUS_BROKER")]
         broker: Option<String>,
-        /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
-        #[arg(long)]
+        /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start; the
+        /// systemd units set a stable one).
+        #[arg(long, env = "EDGEBUS_INSTANCE")]
         instance: Option<String>,
         /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9184.
         #[arg(long, env = "EDGEBUS_METRICS")]
@@ -131,8 +132,9 @@ struct PartArgs {
     /// The broker, host:port (default: `bus.broker` of topics.toml).
     #[arg(long, env = "EDGEBUS_BROKER")]
     broker: Option<String>,
-    /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start).
-    #[arg(long)]
+    /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start; the
+    /// systemd units set a stable one).
+    #[arg(long, env = "EDGEBUS_INSTANCE")]
     instance: Option<String>,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9184.
     #[arg(long, env = "EDGEBUS_METRICS")]
@@ -248,7 +250,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(multicall_args(std::env::args_os()));
     // The bench prints a table and the one-shot commands print their answer: their
     // in-process parts only speak up about trouble they do not report themselves.
-    edgebus_services::logging::init(match cli.command {
+    edgebus_runtime::logging::init(match cli.command {
         Cmd::Bench(_) => "warn,rumqttd=off",
         Cmd::Call { .. } | Cmd::Services { .. } | Cmd::Health { run: None, .. } => "error",
         _ => "info,rumqttd=off",
@@ -257,7 +259,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once: to the journal with fields, or as a plain line on stderr.
-            if edgebus_services::logging::detect() == edgebus_services::logging::Format::Journal {
+            if edgebus_runtime::logging::detect() == edgebus_runtime::logging::Format::Journal {
                 tracing::error!("{e:#}");
             } else {
                 eprintln!("edgebus: {e:#}");
@@ -533,7 +535,11 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
         parts.extend(file.up.services.clone());
         let count = parts.len();
         for name in parts {
-            let options = run::service_options(&file, Some(&addr.to_string()), &name, None);
+            // One instance of each part per host: a stable id keeps one row per part in
+            // the registry and the health view across restarts.
+            let instance = edgebus_runtime::app::host_instance(&name);
+            let options =
+                run::service_options(&file, Some(&addr.to_string()), &name, Some(instance));
             let file = file.clone();
             let mut stop = stop_rx.clone();
             let hooks = Hooks {

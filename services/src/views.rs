@@ -122,6 +122,8 @@ pub async fn health(
     let bus = cli_bus(file, broker)?;
     let mut statuses = bus.subscribe(&format!("{p}/health/status/+"), 1).await?;
     let mut alerts = bus.subscribe(&format!("{p}/health/alert"), 1).await?;
+    let mut beats = bus.subscribe(&format!("{p}/health/heartbeat/+/+"), 0).await?;
+    let t0 = std::time::Instant::now();
     if !bus.sync(Duration::from_secs(5)).await {
         bail!("cannot reach the broker");
     }
@@ -130,6 +132,35 @@ pub async fn health(
     {
         if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
             records.insert(m.topic.clone(), v);
+        }
+    }
+    // A status record is published when a status changes; its `last_seen` is the last
+    // heartbeat before that. The heartbeats of the next interval (1 s by default) say when
+    // each live instance was last seen now.
+    let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let beat_window = Duration::from_millis(1100);
+    while let Ok(Some(m)) = tokio::time::timeout(
+        beat_window.saturating_sub(t0.elapsed()),
+        beats.recv(),
+    )
+    .await
+    {
+        let mut levels = m.topic.rsplit('/');
+        if let (Some(instance), Some(service)) = (levels.next(), levels.next()) {
+            seen.insert(
+                (service.to_owned(), instance.to_owned()),
+                edgebus_runtime::wire::timestamp(),
+            );
+        }
+    }
+    drop(beats);
+    for v in records.values_mut() {
+        let service = v["service"].as_str().unwrap_or_default().to_owned();
+        for i in v["instances"].as_array_mut().into_iter().flatten() {
+            let instance = i["instance"].as_str().unwrap_or_default().to_owned();
+            if let Some(at) = seen.get(&(service.clone(), instance)) {
+                i["last_seen"] = Value::from(at.as_str());
+            }
         }
     }
     if json {
@@ -147,8 +178,14 @@ pub async fn health(
                 .into_iter()
                 .flatten()
                 .map(|i| {
+                    let ago = i["last_seen"]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339(t).ok())
+                        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                        .map(|d| format!(" (seen {}s ago)", d.as_secs()))
+                        .unwrap_or_default();
                     format!(
-                        "{}:{}",
+                        "{}:{}{ago}",
                         i["instance"].as_str().unwrap_or(""),
                         i["status"].as_str().unwrap_or("")
                     )

@@ -5,11 +5,17 @@
 //!   `CORRELATION_ID`, `ERROR`, …), so `journalctl CORRELATION_ID=…` follows one request across
 //!   services; the journal stamps the time. If journald cannot be reached, plain lines
 //!   without a timestamp go to stderr.
+//! - Started by systemd with stderr elsewhere: plain lines without a timestamp (the
+//!   supervisor stamps them).
 //! - On a terminal: timestamped, coloured lines.
 //! - Elsewhere (a pipe, a file): timestamped plain lines.
 //!
-//! `EDGEBUS_LOG_FORMAT=journal|plain|terminal` overrides the choice; `EDGEBUS_LOG` (or
-//! `RUST_LOG`) sets the filter, e.g. `EDGEBUS_LOG=debug,rumqttd=off`.
+//! `EDGEBUS_LOG_FORMAT=journal|plain|terminal` overrides the choice (`plain`: timestamped,
+//! never coloured); `EDGEBUS_LOG` (or `RUST_LOG`) sets the filter, e.g.
+//! `EDGEBUS_LOG=debug,rumqttd=off`.
+//!
+//! A service calls [`crate::init_logging`] once at start (the `edgebus` binary calls
+//! [`init`] with its own default filter).
 
 use std::io::IsTerminal;
 
@@ -22,8 +28,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub enum Format {
     /// journald's native protocol, with fields.
     Journal,
-    /// Plain lines without timestamps (the journal or another supervisor adds them).
+    /// Timestamped lines, never coloured.
     Plain,
+    /// Plain lines without timestamps: a supervisor (systemd) stamps them.
+    Unstamped,
     /// Timestamped lines, coloured on a terminal.
     Terminal,
 }
@@ -62,14 +70,15 @@ pub fn detect() -> Format {
         || std::env::var_os("INVOCATION_ID").is_some()
     {
         // Started by systemd, stderr elsewhere: the supervisor still stamps lines.
-        Format::Plain
+        Format::Unstamped
     } else {
         Format::Terminal
     }
 }
 
 /// Installs the global subscriber; `default` is the filter when neither `EDGEBUS_LOG` nor
-/// `RUST_LOG` is set.
+/// `RUST_LOG` is set. Journal lines carry the identifier `edgebus`. A second call, or a
+/// subscriber already installed, leaves the first in place.
 pub fn init(default: &str) {
     let filter = || {
         EnvFilter::try_from_env("EDGEBUS_LOG")
@@ -94,7 +103,7 @@ pub fn init(default: &str) {
             ),
             Err(e) => {
                 eprintln!("edgebus: journald not reachable ({e}); logging plain lines to stderr");
-                format = Format::Plain;
+                format = Format::Unstamped;
                 None
             }
         }
@@ -104,6 +113,13 @@ pub fn init(default: &str) {
     let fmt = match format {
         Format::Journal => None,
         Format::Plain => Some(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_filter(filter())
+                .boxed(),
+        ),
+        Format::Unstamped => Some(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(false)
@@ -119,8 +135,8 @@ pub fn init(default: &str) {
                 .boxed(),
         ),
     };
-    tracing_subscriber::registry()
+    let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(journal)
-        .init();
+        .try_init();
 }

@@ -1,0 +1,24 @@
+use edgebus_runtime::prelude::*;
+use serde_json::{json, Value};
+
+#[derive(serde::Deserialize)]
+struct Hello {
+    name: String,
+}
+
+async fn hello(req: Request<Hello>) -> Result<Value, ServiceError> {
+    req.emit("greeted", &json!({ "name": req.data.name })).await?;
+    Ok(json!({ "greeting": format!("hello, {}", req.data.name) }))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    edgebus_runtime::init_logging();
+    ServiceBuilder::new("greeter")
+        .version(env!("CARGO_PKG_VERSION"))
+        .endpoint("hello", hello)
+        .event(EventSpec::new("greeted"))
+        .run() // serves until SIGINT or SIGTERM, then stops cleanly
+        .await?;
+    Ok(())
+}
