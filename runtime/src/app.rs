@@ -92,7 +92,9 @@ impl Environment {
             let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
             err(format!("{at}key `{key}`: {}", inner.message().trim()))
         })?;
-        env.bus.validate().map_err(|m| err(format!("key `bus.prefix`: {m}")))?;
+        env.bus
+            .validate()
+            .map_err(|m| err(format!("key `bus.prefix`: {m}")))?;
         crate::contract::validate(&env.service, &env.bus.prefix)
             .map_err(|e| err(format!("key `{}`: {}", e.path, e.message)))?;
         env.file = Some(path);

@@ -122,7 +122,9 @@ pub async fn health(
     let bus = cli_bus(file, broker)?;
     let mut statuses = bus.subscribe(&format!("{p}/health/status/+"), 1).await?;
     let mut alerts = bus.subscribe(&format!("{p}/health/alert"), 1).await?;
-    let mut beats = bus.subscribe(&format!("{p}/health/heartbeat/+/+"), 0).await?;
+    let mut beats = bus
+        .subscribe(&format!("{p}/health/heartbeat/+/+"), 0)
+        .await?;
     let t0 = std::time::Instant::now();
     if !bus.sync(Duration::from_secs(5)).await {
         bail!("cannot reach the broker");
@@ -139,11 +141,8 @@ pub async fn health(
     // each live instance was last seen now.
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     let beat_window = Duration::from_millis(1100);
-    while let Ok(Some(m)) = tokio::time::timeout(
-        beat_window.saturating_sub(t0.elapsed()),
-        beats.recv(),
-    )
-    .await
+    while let Ok(Some(m)) =
+        tokio::time::timeout(beat_window.saturating_sub(t0.elapsed()), beats.recv()).await
     {
         let mut levels = m.topic.rsplit('/');
         if let (Some(instance), Some(service)) = (levels.next(), levels.next()) {

@@ -10,5 +10,6 @@ mod harness;
 mod health;
 mod ops;
 mod presence;
+mod readme;
 mod runtime;
 mod saga;

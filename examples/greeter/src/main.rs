@@ -7,7 +7,8 @@ struct Hello {
 }
 
 async fn hello(req: Request<Hello>) -> Result<Value, ServiceError> {
-    req.emit("greeted", &json!({ "name": req.data.name })).await?;
+    req.emit("greeted", &json!({ "name": req.data.name }))
+        .await?;
     Ok(json!({ "greeting": format!("hello, {}", req.data.name) }))
 }
 
