@@ -7,9 +7,9 @@ struct Hello {
 }
 
 async fn hello(req: Request<Hello>) -> Result<Value, ServiceError> {
-    req.emit("greeted", &json!({ "name": req.data.name }))
-        .await?;
-    Ok(json!({ "greeting": format!("hello, {}", req.data.name) }))
+    let name = &req.data.name;
+    req.emit("greeted", &json!({ "name": name })).await?;
+    Ok(json!({ "greeting": format!("hello, {name}") }))
 }
 
 #[tokio::main]
