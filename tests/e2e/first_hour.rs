@@ -307,3 +307,122 @@ fn call_fails_fast_and_reads_stdin_and_files() {
         Some(200_000)
     );
 }
+
+/// An instance that went offline and expired leaves the service's status record even while
+/// another instance lives; the health view's `last_seen` is the last heartbeat, not the last
+/// change of status.
+#[test]
+fn health_view_drops_expired_instances_and_shows_last_heartbeat() {
+    let dir = TempDir::new("health-view");
+    let (_up, addr) = up_with(
+        &dir,
+        "[up]\nservices = []\n[discovery]\nexpire_after = \"300ms\"\n",
+        2,
+    );
+    let port = addr.rsplit(':').next().expect("port").to_owned();
+    let status = Sub::start(&port, &["-t", "edge/health/status/echo"]);
+    let broker: std::net::SocketAddr = addr.parse().expect("addr");
+    let mut a = Service::start("echo", broker, &["--instance", "echo-a"]);
+    let _b = Service::start("echo", broker, &["--instance", "echo-b"]);
+    a._proc.signal("TERM");
+    a._proc
+        .wait_exit(Duration::from_secs(2))
+        .expect("echo-a stopped");
+    // The record lists echo-a offline, then (after expiry) only echo-b.
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = status
+            .next(left)
+            .expect("a status record without the expired echo-a");
+        let v = json_of(&line);
+        let names: Vec<&str> = v["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .filter_map(|i| i["instance"].as_str())
+            .collect();
+        if names == ["echo-b"] {
+            break;
+        }
+    }
+    // The status records were published seconds ago at most; the view says when each live
+    // instance was last heard, from its heartbeats.
+    let out = run_edgebus(&["health", "--json", "--broker", &addr], None, T);
+    assert!(out.ok, "{}", out.stderr);
+    let records: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let echo = records
+        .as_array()
+        .expect("records")
+        .iter()
+        .find(|r| r["service"] == "echo")
+        .expect("echo's record");
+    let inst = &echo["instances"][0];
+    assert_eq!(inst["instance"], "echo-b", "{echo}");
+    let seen = humantime::parse_rfc3339(inst["last_seen"].as_str().expect("last_seen"))
+        .expect("a timestamp");
+    let ago = std::time::SystemTime::now()
+        .duration_since(seen)
+        .unwrap_or_default();
+    assert!(
+        ago < Duration::from_millis(1500),
+        "last_seen {ago:?} ago: {echo}"
+    );
+}
+
+/// Ready means answered: a request sent the moment a service says it is ready is answered
+/// by it, never refused with `NO_RESPONDERS` by a discovery that has not yet read the new
+/// registration (ten fresh instances, one request each at once).
+#[test]
+fn a_request_right_after_ready_is_answered() {
+    let dir = TempDir::new("ready-answered");
+    let (_up, addr) = up_with(&dir, "[up]\nservices = []\n", 2);
+    let broker: std::net::SocketAddr = addr.parse().expect("addr");
+    for i in 0..10 {
+        let echo = Service::start("echo", broker, &[]);
+        let out = run_edgebus(
+            &["call", "echo/echo", r#"{"n":1}"#, "--broker", &addr],
+            None,
+            T,
+        );
+        let reply = reply_of(&out);
+        assert!(out.ok, "round {i}: {reply}");
+        assert_eq!(
+            reply["instance"],
+            echo.instance.as_str(),
+            "round {i}: {reply}"
+        );
+        drop(echo);
+    }
+}
+
+/// Logs: `EDGEBUS_LOG_FORMAT=plain` keeps its timestamps; a process systemd started with
+/// stderr not on the journal writes lines without one (the supervisor stamps them); a
+/// service that calls `init_logging()` says at once that it cannot connect.
+#[test]
+fn log_lines_are_stamped_where_nothing_else_stamps_them() {
+    let stamped = |l: &str| l.trim_start_matches("ERR ").starts_with("20");
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let first_line = |format: Option<&str>, invocation: Option<&str>| {
+        let mut cmd = edgebus();
+        cmd.env_remove("EDGEBUS_LOG_FORMAT")
+            .env_remove("INVOCATION_ID")
+            .env_remove("JOURNAL_STREAM")
+            .args(["service", "echo", "--broker", &nobody]);
+        if let Some(f) = format {
+            cmd.env("EDGEBUS_LOG_FORMAT", f);
+        }
+        if let Some(i) = invocation {
+            cmd.env("INVOCATION_ID", i);
+        }
+        let p = Proc::spawn(cmd);
+        p.expect_line("cannot connect; retrying", T)
+    };
+    let l = first_line(Some("plain"), None);
+    assert!(stamped(&l), "plain without a timestamp: {l}");
+    assert!(!l.contains('\x1b'), "plain with colour: {l}");
+    let l = first_line(None, None);
+    assert!(stamped(&l), "a pipe without a timestamp: {l}");
+    let l = first_line(None, Some("0123456789abcdef"));
+    assert!(!stamped(&l), "a line systemd will stamp again: {l}");
+}

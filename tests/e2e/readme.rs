@@ -431,3 +431,74 @@ fn readme_service_example_runs() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["state"], "online", "{rows:?}");
 }
+
+/// A service that calls `init_logging()` says what it is doing from the start: with no
+/// broker, that it cannot connect, within a second; SIGTERM then ends it at once, cleanly.
+#[test]
+fn readme_service_example_logs_and_stops_while_connecting() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo())
+        .args(["build", "--release", "--quiet", "-p", "greeter"])
+        .output()
+        .expect("cargo build -p greeter");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = Command::new(repo().join("target/release/greeter"));
+    c.env("EDGEBUS_BROKER", format!("127.0.0.1:{}", free_port()))
+        .env_remove("EDGEBUS_CONFIG")
+        .env_remove("EDGEBUS_LOG");
+    let mut p = Proc::spawn(c);
+    p.expect_line("cannot connect; retrying", Duration::from_secs(1));
+    p.signal("TERM");
+    let status = p
+        .wait_exit(Duration::from_secs(2))
+        .expect("exit within 2 s");
+    assert!(status.success(), "{status:?}");
+}
+
+/// The README's journal example shows a correlation id of the form the runtime makes (16
+/// hex digits, then a hex counter), as a request from `edgebus call` carries it.
+#[test]
+fn readme_correlation_id_example_has_the_runtime_form() {
+    let text = readme();
+    let example = text
+        .split("journalctl CORRELATION_ID=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the journalctl example");
+    let form = |id: &str| id.len() > 16 && id.chars().all(|c| c.is_ascii_hexdigit());
+    assert!(form(example), "README example `{example}`");
+    let broker = Broker::start();
+    let port = broker.port();
+    let sub = Sub::start(
+        &port,
+        &[
+            "-t",
+            "edge/echo/echo/request",
+            "-F",
+            "MSG %D",
+            "-V",
+            "mqttv5",
+        ],
+    );
+    let out = run_edgebus(
+        &[
+            "call",
+            "echo/echo",
+            "--broker",
+            &broker.addr.to_string(),
+            "--timeout",
+            "300ms",
+        ],
+        None,
+        T,
+    );
+    assert!(!out.ok);
+    let seen = sub.next(T).expect("the request");
+    let id = seen.trim();
+    assert!(form(id), "the runtime's correlation data `{id}`");
+}
