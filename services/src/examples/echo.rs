@@ -5,7 +5,6 @@
 //! and concurrency limits easy to try out. With `"emit": true` it also publishes the data as
 //! an event on `edge/echo/events/said` before it replies: a side effect a test can count.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use edgebus_runtime::bus::Bus;
@@ -16,9 +15,8 @@ use serde_json::Value;
 
 use crate::config::TopicsFile;
 
-/// The service as built (endpoints, handlers), before it is bound to a bus; `me` is set to
-/// the service once it runs, for the handler's events.
-pub fn builder(file: &TopicsFile, me: Arc<OnceLock<Service>>) -> ServiceBuilder {
+/// The service as built (endpoints, handlers), before it is bound to a bus.
+pub fn builder(file: &TopicsFile) -> ServiceBuilder {
     let mut spec = EndpointSpec::new("echo");
     spec.max_concurrency = 64;
     spec.description =
@@ -34,18 +32,15 @@ pub fn builder(file: &TopicsFile, me: Arc<OnceLock<Service>>) -> ServiceBuilder 
         said.qos = 1;
         builder = builder.event(said);
     }
-    builder.endpoint_with(spec, move |req| echo(req, me.clone()))
+    builder.endpoint_with(spec, echo)
 }
 
 /// Starts `echo` on `bus`.
 pub async fn start(file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
-    let me = Arc::new(OnceLock::new());
-    let service = builder(file, me.clone()).start(bus).await?;
-    let _ = me.set(service.clone());
-    Ok(service)
+    builder(file).start(bus).await
 }
 
-async fn echo(req: Request<Value>, me: Arc<OnceLock<Service>>) -> Result<Value, ServiceError> {
+async fn echo(req: Request<Value>) -> Result<Value, ServiceError> {
     if let Some(delay) = req.data.get("delay_ms") {
         let ms = delay
             .as_u64()
@@ -54,12 +49,10 @@ async fn echo(req: Request<Value>, me: Arc<OnceLock<Service>>) -> Result<Value, 
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if req.data.get("emit") == Some(&Value::Bool(true)) {
-        if let Some(service) = me.get() {
-            service.emit("said", &req.data).await.map_err(|e| match e {
-                EventError::Bus(e) => ServiceError::unavailable(format!("event not sent: {e}")),
-                other => ServiceError::bad_request(format!("field `emit`: {other}")),
-            })?;
-        }
+        req.emit("said", &req.data).await.map_err(|e| match e {
+            EventError::Bus(e) => ServiceError::unavailable(format!("event not sent: {e}")),
+            other => ServiceError::bad_request(format!("field `emit`: {other}")),
+        })?;
     }
     Ok(req.data)
 }

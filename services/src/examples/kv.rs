@@ -82,10 +82,7 @@ impl Kv {
 }
 
 fn idempotency_key<T>(req: &Request<T>) -> Option<String> {
-    req.user_properties
-        .iter()
-        .find(|(k, _)| k == "idempotency_key")
-        .map(|(_, v)| v.clone())
+    req.user_property("idempotency_key").map(str::to_owned)
 }
 
 #[derive(Debug, Deserialize)]
