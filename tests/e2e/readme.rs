@@ -21,6 +21,22 @@ fn readme() -> String {
     std::fs::read_to_string(repo().join("README.md")).expect("README.md")
 }
 
+/// `examples/greeter`, built (`cargo test` builds only this package's binaries).
+fn greeter() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo())
+        .args(["build", "--release", "--quiet", "-p", "greeter"])
+        .output()
+        .expect("cargo build -p greeter");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    repo().join("target/release/greeter")
+}
+
 /// The fenced blocks of `text` whose info string is `info`, in order.
 fn blocks(text: &str, info: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -328,18 +344,7 @@ fn readme_service_example_is_examples_greeter() {
 /// id across a restart when `EDGEBUS_INSTANCE` gives one: one row in the registry.
 #[test]
 fn readme_service_example_runs() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(repo())
-        .args(["build", "--release", "--quiet", "-p", "greeter"])
-        .output()
-        .expect("cargo build -p greeter");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let exe = repo().join("target/release/greeter");
+    let exe = greeter();
 
     let dir = TempDir::new("greeter");
     let cfg = dir.file(
@@ -436,18 +441,7 @@ fn readme_service_example_runs() {
 /// broker, that it cannot connect, within a second; SIGTERM then ends it at once, cleanly.
 #[test]
 fn readme_service_example_logs_and_stops_while_connecting() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(repo())
-        .args(["build", "--release", "--quiet", "-p", "greeter"])
-        .output()
-        .expect("cargo build -p greeter");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut c = Command::new(repo().join("target/release/greeter"));
+    let mut c = Command::new(greeter());
     c.env("EDGEBUS_BROKER", format!("127.0.0.1:{}", free_port()))
         .env_remove("EDGEBUS_CONFIG")
         .env_remove("EDGEBUS_LOG");
