@@ -151,7 +151,7 @@ fn substitute(pattern: &str, who: Principal<'_>) -> Option<String> {
     Some(out)
 }
 
-pub use edgebus_runtime::topic::{check_filter, check_topic, matches};
+pub use edgebus_proto::topic::{check_filter, check_topic, matches};
 
 /// Is every topic that `filter` matches also matched by `pattern`?
 fn covers(pattern: &str, filter: &str) -> bool {

@@ -34,7 +34,7 @@ use crate::router::Filter;
 use crate::stats::{add, bump};
 use crate::strict;
 use crate::Shared;
-use edgebus_runtime::policy::TokenBucket;
+use edgebus_proto::policy::TokenBucket;
 
 /// What one connection holds.
 pub(crate) struct Conn {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::acl::AclConfig;
-pub use edgebus_runtime::config::{duration, ByteSize};
-pub use edgebus_runtime::policy::Rate;
+pub use edgebus_proto::config::{duration, ByteSize};
+pub use edgebus_proto::policy::Rate;
 
 /// Settings of the embedded broker.
 #[derive(Debug, Clone, Deserialize, Serialize)]

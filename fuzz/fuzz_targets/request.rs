@@ -2,9 +2,9 @@
 //! metadata fields, a schema check and the reply address. None of it may panic.
 #![no_main]
 
-use edgebus_runtime::contract::Schema;
-use edgebus_runtime::topic::check_topic;
-use edgebus_runtime::wire::decode_request;
+use edgebus_proto::contract::Schema;
+use edgebus_proto::topic::check_topic;
+use edgebus_proto::wire::decode_request;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

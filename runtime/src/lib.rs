@@ -1,13 +1,14 @@
 //! edgebus-runtime: the library every edgebus service links.
 //!
 //! # Layout
+//! From [`edgebus_proto`], re-exported here so that a service needs one dependency:
 //! - [`config`]: the `[bus]` part of topics.toml, and the duration and size types it uses.
 //! - [`contract`]: the `[[service]]` part of topics.toml: endpoints, events, schemas.
 //! - [`policy`]: retry policies, circuit breakers and rate limits.
-//! - [`topic`]: validated topic names and filters, and the topic grammar the broker shares.
+//! - [`topic`]: validated topic names and filters, and the matching grammar.
 //! - [`wire`]: error codes, the reply body, request metadata.
 //!
-//! With the `client` feature (on by default):
+//! The client:
 //! - [`app`]: a service as a program: options from the environment, the stop signal, and
 //!   [`service::ServiceBuilder::run`], an instance's whole life in one call.
 //! - [`bus`]: one resilient MQTT 5 connection per process.
@@ -22,45 +23,28 @@
 //! - [`logging`]: log lines to journald with fields, or timestamped to stderr
 //!   ([`init_logging`]).
 
-pub mod config;
-pub mod contract;
-pub mod policy;
-pub mod topic;
-pub mod wire;
+pub use edgebus_proto::{config, contract, policy, topic, wire};
 
-#[cfg(feature = "client")]
 pub mod app;
-#[cfg(feature = "client")]
 pub mod bus;
-#[cfg(feature = "client")]
 pub mod events;
-#[cfg(feature = "client")]
 pub mod logging;
-#[cfg(feature = "client")]
 pub mod metrics;
-#[cfg(feature = "client")]
 pub mod presence;
-#[cfg(feature = "client")]
 pub mod request;
-#[cfg(feature = "client")]
 pub mod saga;
-#[cfg(feature = "client")]
 pub mod service;
-#[cfg(feature = "client")]
 pub mod stats;
-#[cfg(feature = "client")]
 pub mod systemd;
 
 /// Installs the log output a service needs, once, at the start of `main`: journald with
 /// fields under systemd, timestamped lines otherwise, at `info` unless `EDGEBUS_LOG` (or
 /// `RUST_LOG`) says otherwise. See [`logging`].
-#[cfg(feature = "client")]
 pub fn init_logging() {
     logging::init("info,rumqttc=warn");
 }
 
 /// What a service author needs, in one import.
-#[cfg(feature = "client")]
 pub mod prelude {
     pub use crate::app::shutdown_signal;
     pub use crate::bus::{Bus, BusOptions, Message, PublishOptions};

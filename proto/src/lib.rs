@@ -1,0 +1,15 @@
+//! edgebus-proto: what every part of edgebus agrees on, with no I/O. The broker and the
+//! runtime both build on it.
+//!
+//! # Layout
+//! - [`config`]: the `[bus]` part of topics.toml, and the duration and size types it uses.
+//! - [`contract`]: the `[[service]]` part of topics.toml: endpoints, events, schemas.
+//! - [`policy`]: retry policies, circuit breakers and rate limits.
+//! - [`topic`]: validated topic names and filters, and the matching grammar.
+//! - [`wire`]: error codes, the reply body, request metadata.
+
+pub mod config;
+pub mod contract;
+pub mod policy;
+pub mod topic;
+pub mod wire;
