@@ -7,9 +7,14 @@
 //! - [`policy`]: retry policies, circuit breakers and rate limits.
 //! - [`topic`]: validated topic names and filters, and the matching grammar.
 //! - [`wire`]: error codes, the reply body, request metadata.
+//! - [`tree`]: every topic of the bus, named once, as a function of the prefix.
+//! - [`records`]: the bus's own records (registration, heartbeat, health, discovery updates,
+//!   lag reports, dead letters), typed for writers and readers alike.
 
 pub mod config;
 pub mod contract;
 pub mod policy;
+pub mod records;
 pub mod topic;
+pub mod tree;
 pub mod wire;
