@@ -363,13 +363,15 @@ fn report_lag(shared: &Shared, topic: Option<&Bytes>) {
             "messages dropped for a subscriber"
         );
         if let Some(topic) = topic {
-            let body = serde_json::json!({
-                "client_id": client_id,
-                "filter": filter,
-                "lost": lost,
-                "at": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            });
-            shared.publish(topic.clone(), Bytes::from(body.to_string()), 0, false, None);
+            let report = edgebus_proto::records::LagReport {
+                client_id,
+                filter,
+                lost,
+                at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            };
+            if let Ok(body) = serde_json::to_vec(&report) {
+                shared.publish(topic.clone(), Bytes::from(body), 0, false, None);
+            }
         }
     }
 }

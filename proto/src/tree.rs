@@ -175,7 +175,10 @@ mod tests {
         assert!(matches(&t.all_requests(), &t.request("echo", "echo")));
         assert!(matches(&t.all_heartbeats(), &t.heartbeat("echo", "e-1")));
         assert!(matches(&t.all_health_statuses(), &t.health_status("echo")));
-        assert!(matches(&t.all_registrations(), &t.registration("echo", "e-1")));
+        assert!(matches(
+            &t.all_registrations(),
+            &t.registration("echo", "e-1")
+        ));
         assert!(matches(&t.all_saga_requests(), &t.saga_request("order")));
         assert!(matches(&t.all_saga_runs(), &t.saga_run("order", "r1")));
         assert!(t.is_registration(&t.registration("echo", "e-1")));

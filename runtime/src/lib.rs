@@ -7,6 +7,8 @@
 //! - [`policy`]: retry policies, circuit breakers and rate limits.
 //! - [`topic`]: validated topic names and filters, and the matching grammar.
 //! - [`wire`]: error codes, the reply body, request metadata.
+//! - [`tree`]: every topic of the bus, named once, as a function of the prefix.
+//! - [`records`]: the bus's own records (registration, heartbeat, health, discovery), typed.
 //!
 //! The client:
 //! - [`app`]: a service as a program: options from the environment, the stop signal, and
@@ -23,7 +25,10 @@
 //! - [`logging`]: log lines to journald with fields, or timestamped to stderr
 //!   ([`init_logging`]).
 
-pub use edgebus_proto::{config, contract, policy, topic, wire};
+pub use edgebus_proto::{config, contract, policy, records, topic, tree, wire};
+
+/// The whole of [`edgebus_proto`], for what the modules above do not name.
+pub use edgebus_proto as proto;
 
 pub mod app;
 pub mod bus;

@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use edgebus_proto::records::{
+    Birth, Departure, EndpointRecord, Registration, REASON_CONNECTION_LOST, REASON_STOPPED,
+};
+use edgebus_proto::tree::Tree;
 
 use crate::bus::{Bus, PublishOptions, Will};
 use crate::wire::{now_ms, timestamp};
@@ -52,28 +54,21 @@ impl Identity {
 
     /// `P/system/discovery/{service}/{instance}`.
     pub fn registration_topic(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}/system/discovery/{}/{}",
-            self.service, self.instance
-        )
+        Tree::new(prefix).registration(&self.service, &self.instance)
     }
 
     /// `P/health/heartbeat/{service}/{instance}`.
     pub fn heartbeat_topic(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}/health/heartbeat/{}/{}",
-            self.service, self.instance
-        )
+        Tree::new(prefix).heartbeat(&self.service, &self.instance)
     }
 
     /// The offline record with `reason`.
-    pub fn offline(&self, reason: &str) -> Value {
-        json!({
-            "state": "offline",
-            "service": self.service,
-            "instance": self.instance,
-            "incarnation": self.incarnation,
-            "reason": reason,
+    pub fn offline(&self, reason: &str) -> Registration {
+        Registration::Offline(Departure {
+            service: self.service.clone(),
+            instance: self.instance.clone(),
+            incarnation: self.incarnation,
+            reason: reason.to_owned(),
         })
     }
 
@@ -82,7 +77,7 @@ impl Identity {
         Will {
             topic: self.registration_topic(prefix),
             payload: Bytes::from(
-                serde_json::to_vec(&self.offline("connection lost")).unwrap_or_default(),
+                serde_json::to_vec(&self.offline(REASON_CONNECTION_LOST)).unwrap_or_default(),
             ),
             qos: 1,
             retain: true,
@@ -101,31 +96,7 @@ pub enum Check {
     Failed(String),
 }
 
-/// The status an instance reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Connection gone, or expired.
-    Offline,
-    /// Failing, or silent for too long.
-    Unhealthy,
-    /// Working, but not fully.
-    Degraded,
-    /// All checks pass.
-    Healthy,
-}
-
-impl Status {
-    /// The status as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Offline => "offline",
-            Status::Unhealthy => "unhealthy",
-            Status::Degraded => "degraded",
-            Status::Healthy => "healthy",
-        }
-    }
-}
+pub use edgebus_proto::records::Status;
 
 type CheckFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Check> + Send>> + Send + Sync>;
 
@@ -185,12 +156,12 @@ impl Checks {
 pub(crate) struct Presence {
     pub(crate) identity: Identity,
     pub(crate) prefix: String,
-    pub(crate) birth: Mutex<Value>,
+    pub(crate) birth: Mutex<Registration>,
     pub(crate) stopping: AtomicBool,
 }
 
 impl Presence {
-    pub(crate) fn new(identity: Identity, prefix: &str, birth: Value) -> Presence {
+    pub(crate) fn new(identity: Identity, prefix: &str, birth: Registration) -> Presence {
         Presence {
             identity,
             prefix: prefix.to_owned(),
@@ -227,7 +198,7 @@ impl Presence {
             properties: None,
         };
         let _ = bus
-            .publish_json(&topic, &self.identity.offline("stopped"), opts)
+            .publish_json(&topic, &self.identity.offline(REASON_STOPPED), opts)
             .await;
     }
 }
@@ -239,37 +210,32 @@ pub(crate) fn birth_record(
     spec: &crate::contract::ServiceSpec,
     prefix: &str,
     heartbeat: Duration,
-) -> Value {
-    let endpoints: Vec<Value> = spec
-        .endpoints
-        .iter()
-        .map(|e| {
-            json!({
-                "name": e.name,
-                "request_topic": format!("{}/request", e.base_topic(prefix, &spec.name)),
+) -> Registration {
+    Registration::Online(Birth {
+        service: identity.service.clone(),
+        instance: identity.instance.clone(),
+        incarnation: identity.incarnation,
+        version: version.to_owned(),
+        host: hostname(),
+        pid: std::process::id(),
+        started_at: timestamp(),
+        description: spec.description.clone(),
+        endpoints: spec
+            .endpoints
+            .iter()
+            .map(|e| EndpointRecord {
+                name: e.name.clone(),
+                request_topic: format!("{}/request", e.base_topic(prefix, &spec.name)),
             })
-        })
-        .collect();
-    let events: Vec<String> = spec
-        .events
-        .iter()
-        .map(|e| e.topic(prefix, &spec.name))
-        .collect();
-    json!({
-        "state": "online",
-        "service": identity.service,
-        "instance": identity.instance,
-        "incarnation": identity.incarnation,
-        "version": version,
-        "host": hostname(),
-        "pid": std::process::id(),
-        "started_at": timestamp(),
-        "description": spec.description,
-        "endpoints": endpoints,
-        "events": events,
-        "capabilities": spec.capabilities,
-        "tags": spec.tags,
-        "heartbeat_interval_ms": heartbeat.as_millis() as u64,
+            .collect(),
+        events: spec
+            .events
+            .iter()
+            .map(|e| e.topic(prefix, &spec.name))
+            .collect(),
+        capabilities: spec.capabilities.clone(),
+        tags: spec.tags.clone(),
+        heartbeat_interval_ms: heartbeat.as_millis() as u64,
     })
 }
 

@@ -43,6 +43,7 @@ use crate::topic::check_topic;
 use crate::wire::{
     code, decode_request, now_ms, timestamp, ErrorBody, ReplyBody, RequestMeta, ServiceError,
 };
+use edgebus_proto::records::{DeadLetter, Heartbeat, Lost, Registration};
 
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
@@ -696,16 +697,18 @@ async fn start_presence(
     let incarnation = presence.identity.incarnation;
     let watcher = tokio::spawn(async move {
         while let Some(msg) = own.recv().await {
-            let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-            let ours_online =
-                v["state"] == "online" && v["incarnation"].as_u64() == Some(incarnation);
+            let record = serde_json::from_slice::<Registration>(&msg.payload).ok();
+            let ours_online = record
+                .as_ref()
+                .is_some_and(|r| r.is_online() && r.incarnation() == incarnation);
             if !ours_online
                 && watch_bus.is_connected()
                 && !watch_presence
                     .stopping
                     .load(std::sync::atomic::Ordering::Relaxed)
             {
-                tracing::info!(record = %v, "registration overwritten while running; re-registering");
+                let record = String::from_utf8_lossy(&msg.payload);
+                tracing::info!(%record, "registration overwritten while running; re-registering");
                 watch_presence.publish_birth(&watch_bus);
             }
         }
@@ -729,33 +732,29 @@ async fn start_presence(
             }
             let (status, results) = checks.run(every / 2).await;
             seq += 1;
-            let total = EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot()));
-            let mut beat = serde_json::json!({
-                "service": presence.identity.service,
-                "instance": presence.identity.instance,
-                "incarnation": presence.identity.incarnation,
-                "seq": seq,
-                "status": status.as_str(),
-                "interval_ms": every.as_millis() as u64,
-                "uptime_s": (inner.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                "checks": results,
-                "stats": total,
-            });
             let bs = bus.stats();
-            if bs.skipped_at_broker + bs.dropped_incoming > 0 {
-                beat["lost"] = serde_json::json!({
-                    "at_broker": bs.skipped_at_broker,
-                    "in_buffers": bs.dropped_incoming,
-                });
-            }
             let circuits = bus.circuits();
-            if !circuits.is_empty() {
-                beat["circuits"] = circuits
-                    .iter()
-                    .map(|(k, c)| (k.clone(), Value::from(c.state.as_str())))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into();
-            }
+            let beat = Heartbeat {
+                service: presence.identity.service.clone(),
+                instance: presence.identity.instance.clone(),
+                incarnation: presence.identity.incarnation,
+                seq,
+                status,
+                interval_ms: every.as_millis() as u64,
+                uptime_s: (inner.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                checks: results,
+                stats: EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot())),
+                lost: (bs.skipped_at_broker + bs.dropped_incoming > 0).then_some(Lost {
+                    at_broker: bs.skipped_at_broker,
+                    in_buffers: bs.dropped_incoming,
+                }),
+                circuits: (!circuits.is_empty()).then(|| {
+                    circuits
+                        .iter()
+                        .map(|(k, c)| (k.clone(), c.state.as_str().to_owned()))
+                        .collect()
+                }),
+            };
             drop(inner);
             let _ = bus
                 .publish_json(&hb_topic, &beat, PublishOptions::qos(0))
@@ -1258,28 +1257,26 @@ pub fn dead_letter_body(
     topic: &str,
     payload: &[u8],
     error: &ErrorBody,
-) -> Value {
-    const KEEP: usize = 64 * 1024;
-    let cut = &payload[..payload.len().min(KEEP)];
-    let mut v = serde_json::json!({
-        "service": service,
-        "instance": instance,
-        "topic": topic,
-        "payload_bytes": payload.len(),
-        "error": error,
-        "time": timestamp(),
-    });
-    match std::str::from_utf8(cut) {
-        Ok(s) => v["payload"] = Value::String(s.to_owned()),
-        Err(_) => {
-            v["payload_base64"] =
-                Value::String(base64::engine::general_purpose::STANDARD.encode(cut))
-        }
+) -> DeadLetter {
+    let cut = &payload[..payload.len().min(DeadLetter::KEEP)];
+    let (text, base64) = match std::str::from_utf8(cut) {
+        Ok(s) => (Some(s.to_owned()), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(cut)),
+        ),
+    };
+    DeadLetter {
+        service: service.to_owned(),
+        instance: instance.to_owned(),
+        topic: topic.to_owned(),
+        payload: text,
+        payload_base64: base64,
+        payload_bytes: payload.len(),
+        truncated: payload.len() > DeadLetter::KEEP,
+        error: error.clone(),
+        time: timestamp(),
     }
-    if payload.len() > KEEP {
-        v["truncated"] = Value::Bool(true);
-    }
-    v
 }
 
 /// Where the reply to a request goes, read from the request as the contract says (response

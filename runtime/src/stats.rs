@@ -5,7 +5,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
 /// Counters of one endpoint, shared by its request tasks.
 #[derive(Debug)]
@@ -19,44 +18,8 @@ pub struct EndpointStats {
     latency: Mutex<Histogram<u64>>,
 }
 
-/// A snapshot of [`EndpointStats`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct EndpointSnapshot {
-    /// Requests answered (successes and errors).
-    pub requests: u64,
-    /// Requests answered with an error.
-    pub errors: u64,
-    /// Requests being handled now.
-    pub inflight: u64,
-    /// Requests refused because the endpoint was saturated.
-    pub rejected: u64,
-    /// Duplicate requests answered with the first copy's reply, without running again.
-    pub duplicates: u64,
-    /// Requests answered `RATE_LIMITED`.
-    pub rate_limited: u64,
-    /// Median handling time, milliseconds.
-    pub p50_ms: f64,
-    /// 99th percentile handling time, milliseconds.
-    pub p99_ms: f64,
-}
-
-impl EndpointSnapshot {
-    /// The sum of several endpoints' figures; the percentiles are the worst endpoint's.
-    pub fn total(all: impl IntoIterator<Item = EndpointSnapshot>) -> EndpointSnapshot {
-        let mut t = EndpointSnapshot::default();
-        for s in all {
-            t.requests += s.requests;
-            t.errors += s.errors;
-            t.inflight += s.inflight;
-            t.rejected += s.rejected;
-            t.duplicates += s.duplicates;
-            t.rate_limited += s.rate_limited;
-            t.p50_ms = t.p50_ms.max(s.p50_ms);
-            t.p99_ms = t.p99_ms.max(s.p99_ms);
-        }
-        t
-    }
-}
+/// A snapshot of [`EndpointStats`]: the figures a heartbeat carries.
+pub type EndpointSnapshot = edgebus_proto::records::EndpointFigures;
 
 impl Default for EndpointStats {
     fn default() -> Self {

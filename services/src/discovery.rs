@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use edgebus_runtime::bus::{Bus, Message, PublishOptions};
 use edgebus_runtime::contract::{EndpointSpec, RESERVED_SERVICE_NAMES};
+use edgebus_runtime::proto::records::{
+    DiscoveryEvent, DiscoveryUpdate, Registration, REASON_STOPPED,
+};
 use edgebus_runtime::service::{reply_error, Request, Service, ServiceBuilder, StartError};
 use edgebus_runtime::wire::{code, timestamp, ErrorBody, ServiceError};
 use serde::{Deserialize, Serialize};
@@ -43,7 +46,7 @@ struct Entry {
     instance: String,
     incarnation: u64,
     online: bool,
-    record: Value,
+    record: Registration,
     offline_since: Option<Instant>,
     topic: String,
 }
@@ -52,6 +55,14 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Registry {
     entries: DashMap<String, Entry>,
+}
+
+/// The capabilities and tags of an online record (an offline one has neither).
+fn words(r: &Registration) -> (&[String], &[String]) {
+    match r {
+        Registration::Online(b) => (&b.capabilities, &b.tags),
+        Registration::Offline(_) => (&[], &[]),
+    }
 }
 
 impl Registry {
@@ -68,12 +79,10 @@ impl Registry {
     /// instance with the `saga` capability (the orchestrator answers an unknown saga itself).
     pub fn no_responder(&self, service: &str, topic: &str) -> Option<String> {
         if service == "saga" {
-            let online = self.entries.iter().any(|e| {
-                e.online
-                    && e.record["capabilities"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|v| v == "saga"))
-            });
+            let online = self
+                .entries
+                .iter()
+                .any(|e| e.online && words(&e.record).0.iter().any(|c| c == "saga"));
             let name = topic.rsplit('/').nth(1).unwrap_or_default();
             return (!online).then(|| {
                 format!("no orchestrator is online to run saga `{name}` (`edgebus orchestrator`, or `edgebus up` with [[saga]] in topics.toml)")
@@ -88,17 +97,14 @@ impl Registry {
                 continue;
             }
             online = true;
-            let Some(list) = e.record["endpoints"].as_array() else {
-                // A registration that does not list its endpoints: assume it serves.
-                return None;
+            let Registration::Online(birth) = &e.record else {
+                continue;
             };
-            for ep in list {
-                if ep["request_topic"] == topic {
+            for ep in &birth.endpoints {
+                if ep.request_topic == topic {
                     return None;
                 }
-                if let Some(n) = ep["name"].as_str() {
-                    endpoints.insert(n.to_owned());
-                }
+                endpoints.insert(ep.name.clone());
             }
         }
         let endpoint = topic.rsplit('/').nth(1).unwrap_or_default();
@@ -116,8 +122,8 @@ impl Registry {
     }
 
     /// Records matching the filters (`service`, `capability`, `tag`, `status`), sorted.
-    pub fn list(&self, filter: &ListFilter) -> Vec<Value> {
-        let mut out: Vec<(String, Value)> = self
+    pub fn list(&self, filter: &ListFilter) -> Vec<Registration> {
+        let mut out: Vec<(String, Registration)> = self
             .entries
             .iter()
             .filter(|e| filter.service.as_ref().map_or(true, |s| *s == e.service))
@@ -126,18 +132,16 @@ impl Registry {
                 filter.status.as_ref().map_or(true, |s| s == status)
             })
             .filter(|e| {
-                filter.capability.as_ref().map_or(true, |c| {
-                    e.record["capabilities"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|v| v == c.as_str()))
-                })
+                filter
+                    .capability
+                    .as_ref()
+                    .map_or(true, |c| words(&e.record).0.contains(c))
             })
             .filter(|e| {
-                filter.tag.as_ref().map_or(true, |t| {
-                    e.record["tags"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|v| v == t.as_str()))
-                })
+                filter
+                    .tag
+                    .as_ref()
+                    .map_or(true, |t| words(&e.record).1.contains(t))
             })
             .map(|e| (e.key().clone(), e.record.clone()))
             .collect();
@@ -233,7 +237,14 @@ pub async fn start(
                 r.entries.remove(&format!("{}/{}", e.service, e.instance));
                 let opts = PublishOptions::retained();
                 let _ = b.publish(&e.topic, Vec::new(), opts).await;
-                emit(&b, &up, "expired", &e, "offline past expire_after").await;
+                emit(
+                    &b,
+                    &up,
+                    DiscoveryEvent::Expired,
+                    &e,
+                    "offline past expire_after",
+                )
+                .await;
             }
         }
     });
@@ -282,17 +293,20 @@ pub async fn start(
     Ok(Discovery { service, registry })
 }
 
-async fn emit(bus: &Bus, topic: &str, event: &str, e: &Entry, reason: &str) {
-    tracing::info!(event, service = %e.service, instance = %e.instance, reason, "{} {}: {event} ({reason})", e.service, e.instance);
-    let body = json!({
-        "event": event,
-        "service": e.service,
-        "instance": e.instance,
-        "incarnation": e.incarnation,
-        "reason": reason,
-        "at": timestamp(),
-    });
-    let _ = bus.publish_json(topic, &body, PublishOptions::qos(1)).await;
+async fn emit(bus: &Bus, topic: &str, event: DiscoveryEvent, e: &Entry, reason: &str) {
+    let name = event.as_str();
+    tracing::info!(event = name, service = %e.service, instance = %e.instance, reason, "{} {}: {name} ({reason})", e.service, e.instance);
+    let update = DiscoveryUpdate {
+        event,
+        service: e.service.clone(),
+        instance: e.instance.clone(),
+        incarnation: e.incarnation,
+        reason: reason.to_owned(),
+        at: timestamp(),
+    };
+    let _ = bus
+        .publish_json(topic, &update, PublishOptions::qos(1))
+        .await;
 }
 
 /// Applies one registration message; publishes the event its transition raises, if any.
@@ -304,27 +318,25 @@ async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
     let key = format!("{service}/{instance}");
     if msg.payload.is_empty() {
         if let Some((_, e)) = registry.entries.remove(&key) {
-            emit(bus, updates, "expired", &e, "record deleted").await;
+            emit(bus, updates, DiscoveryEvent::Expired, &e, "record deleted").await;
         }
         return;
     }
-    let Ok(record) = serde_json::from_slice::<Value>(&msg.payload) else {
-        tracing::warn!(topic = %msg.topic, "registration record is not JSON; ignored");
-        return;
-    };
-    let online = match record["state"].as_str() {
-        Some("online") => true,
-        Some("offline") => false,
-        _ => {
-            tracing::warn!(topic = %msg.topic, "registration record without a valid state; ignored");
+    let record = match serde_json::from_slice::<Registration>(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(topic = %msg.topic, error = %e, "registration record unreadable; ignored");
             return;
         }
     };
-    let incarnation = record["incarnation"].as_u64().unwrap_or(0);
-    let reason = record["reason"]
-        .as_str()
-        .unwrap_or(if online { "registered" } else { "offline" })
-        .to_owned();
+    let online = record.is_online();
+    let incarnation = record.incarnation();
+    let reason = match &record {
+        Registration::Online(_) => "registered".to_owned(),
+        Registration::Offline(d) if d.reason.is_empty() => "offline".to_owned(),
+        Registration::Offline(d) => d.reason.clone(),
+    };
+    let stopped = reason == REASON_STOPPED;
     let new = Entry {
         service: service.to_owned(),
         instance: instance.to_owned(),
@@ -338,12 +350,9 @@ async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
     let event = match &previous {
         // A retained record we had not seen: the state as it was before we started.
         None if msg.retain => None,
-        None if online => Some("registered"),
-        None => Some(if reason == "stopped" {
-            "deregistered"
-        } else {
-            "offline"
-        }),
+        None if online => Some(DiscoveryEvent::Registered),
+        None if stopped => Some(DiscoveryEvent::Deregistered),
+        None => Some(DiscoveryEvent::Offline),
         // Older than what we know: a late will of a previous incarnation. Ignored.
         Some(p) if incarnation < p.incarnation => {
             tracing::debug!(%key, incarnation, known = p.incarnation, "stale registration ignored");
@@ -353,13 +362,10 @@ async fn apply(bus: &Bus, registry: &Registry, updates: &str, msg: &Message) {
             // Nothing changed (a second will, a will after a clean stop, a repeated birth).
             return;
         }
-        Some(p) if online && !p.online => Some("recovered"),
-        Some(p) if online && p.online => Some("registered"),
-        Some(_) => Some(if reason == "stopped" {
-            "deregistered"
-        } else {
-            "offline"
-        }),
+        Some(p) if online && !p.online => Some(DiscoveryEvent::Recovered),
+        Some(p) if online && p.online => Some(DiscoveryEvent::Registered),
+        Some(_) if stopped => Some(DiscoveryEvent::Deregistered),
+        Some(_) => Some(DiscoveryEvent::Offline),
     };
     let keep_since = previous
         .as_ref()

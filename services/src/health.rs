@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use edgebus_runtime::bus::{Bus, Message, PublishOptions};
 use edgebus_runtime::presence::Status;
+use edgebus_runtime::records::{
+    HealthAlert, HealthStatus, HealthSummary, Heartbeat, InstanceStatus, Registration,
+};
 use edgebus_runtime::service::{Service, ServiceBuilder, StartError};
 use edgebus_runtime::wire::timestamp;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 /// `[health]` in topics.toml.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -161,50 +163,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn parse_status(s: &str) -> Option<Status> {
-    Some(match s {
-        "healthy" => Status::Healthy,
-        "degraded" => Status::Degraded,
-        "unhealthy" => Status::Unhealthy,
-        "offline" => Status::Offline,
-        _ => return None,
-    })
-}
-
 /// A transition to announce: (service, instance, from, to, reason).
 type Transition = (String, String, Status, Status, String);
 
 impl Ctx {
     /// Loads a retained status record (ours, from before a restart) without alerting.
     fn load_status(&self, m: &Message) {
-        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
-            return;
-        };
-        let Some(service) = v["service"].as_str() else {
+        let Ok(record) = serde_json::from_slice::<HealthStatus>(&m.payload) else {
             return;
         };
         let mut st = lock(&self.state);
-        if let Some(s) = v["status"].as_str().and_then(parse_status) {
-            st.service_status
-                .entry(service.to_owned())
-                .or_insert((s, v["since"].as_str().unwrap_or_default().to_owned()));
-        }
-        for i in v["instances"].as_array().into_iter().flatten() {
-            let (Some(name), Some(s)) = (
-                i["instance"].as_str(),
-                i["status"].as_str().and_then(parse_status),
-            ) else {
-                continue;
-            };
+        st.service_status
+            .entry(record.service.clone())
+            .or_insert((record.status, record.since.clone()));
+        for i in record.instances {
             st.services
-                .entry(service.to_owned())
+                .entry(record.service.clone())
                 .or_default()
-                .entry(name.to_owned())
+                .entry(i.instance)
                 .or_insert(Inst {
-                    incarnation: i["incarnation"].as_u64().unwrap_or(0),
-                    status: s,
+                    incarnation: i.incarnation,
+                    status: i.status,
                     last_seen: Instant::now(),
-                    last_seen_at: i["last_seen"].as_str().unwrap_or_default().to_owned(),
+                    last_seen_at: i.last_seen,
                     interval: Duration::from_secs(1),
                     beats: 1,
                     candidate: None,
@@ -214,20 +195,17 @@ impl Ctx {
     }
 
     async fn heartbeat(&self, m: &Message) {
-        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
-            tracing::debug!(topic = %m.topic, "heartbeat is not JSON; ignored");
-            return;
+        let beat = match serde_json::from_slice::<Heartbeat>(&m.payload) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(topic = %m.topic, error = %e, "heartbeat unreadable; ignored");
+                return;
+            }
         };
-        let (Some(service), Some(instance)) = (v["service"].as_str(), v["instance"].as_str())
-        else {
-            return;
-        };
-        let reported = v["status"]
-            .as_str()
-            .and_then(parse_status)
-            .unwrap_or(Status::Unhealthy);
-        let incarnation = v["incarnation"].as_u64().unwrap_or(0);
-        let interval = Duration::from_millis(v["interval_ms"].as_u64().unwrap_or(1000).max(10));
+        let (service, instance) = (beat.service.as_str(), beat.instance.as_str());
+        let reported = beat.status;
+        let incarnation = beat.incarnation;
+        let interval = Duration::from_millis(beat.interval_ms.max(10));
         let confirm = self.config.confirm_beats.max(1);
         let mut transitions = Vec::new();
         {
@@ -278,13 +256,11 @@ impl Ctx {
                     let from = inst.status;
                     inst.status = reported;
                     inst.candidate = None;
-                    let why = v["checks"]
-                        .as_object()
-                        .and_then(|c| {
-                            c.iter()
-                                .find(|(_, r)| r.as_str() != Some("ok"))
-                                .map(|(k, r)| format!("{k}: {}", r.as_str().unwrap_or("")))
-                        })
+                    let why = beat
+                        .checks
+                        .iter()
+                        .find(|(_, r)| r.as_str() != "ok")
+                        .map(|(k, r)| format!("{k}: {r}"))
                         .unwrap_or_else(|| "heartbeat".into());
                     transitions.push((service.into(), instance.into(), from, reported, why));
                 } else {
@@ -327,20 +303,30 @@ impl Ctx {
                     st.services.remove(service);
                 }
             } else {
-                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
-                    return;
+                let record = match serde_json::from_slice::<Registration>(&m.payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(topic = %m.topic, error = %e, "registration unreadable; ignored");
+                        return;
+                    }
                 };
-                let incarnation = v["incarnation"].as_u64().unwrap_or(0);
-                let online = v["state"] == "online";
-                let interval = Duration::from_millis(
-                    v["heartbeat_interval_ms"].as_u64().unwrap_or(1000).max(10),
-                );
+                let incarnation = record.incarnation();
+                let online = record.is_online();
+                let interval = Duration::from_millis(match &record {
+                    Registration::Online(b) => b.heartbeat_interval_ms.max(10),
+                    Registration::Offline(_) => 1000,
+                });
                 let insts = st.services.entry(service.to_owned()).or_default();
                 match insts.get_mut(instance) {
                     Some(i) if incarnation < i.incarnation => {}
                     Some(i) if !online => {
                         if i.status != Status::Offline && incarnation >= i.incarnation {
-                            let reason = v["reason"].as_str().unwrap_or("offline").to_owned();
+                            let reason = match &record {
+                                Registration::Offline(d) if !d.reason.is_empty() => {
+                                    d.reason.clone()
+                                }
+                                _ => "offline".to_owned(),
+                            };
                             transitions.push((
                                 service.into(),
                                 instance.into(),
@@ -473,14 +459,14 @@ impl Ctx {
         let mut touched = Vec::new();
         for (service, instance, from, to, reason) in transitions {
             tracing::info!(%service, %instance, from = from.as_str(), to = to.as_str(), %reason, "{service} {instance}: {} → {} ({reason})", from.as_str(), to.as_str());
-            let alert = json!({
-                "service": service,
-                "instance": instance,
-                "from": from.as_str(),
-                "to": to.as_str(),
-                "reason": reason,
-                "at": timestamp(),
-            });
+            let alert = HealthAlert {
+                service: service.clone(),
+                instance,
+                from,
+                to,
+                reason,
+                at: timestamp(),
+            };
             let topic = format!("{}/health/alert", self.prefix);
             let _ = self
                 .bus
@@ -507,10 +493,13 @@ impl Ctx {
                 .map(|i| i.status)
                 .max()
                 .unwrap_or(Status::Offline);
-            let instances: Vec<Value> = insts
+            let instances: Vec<InstanceStatus> = insts
                 .iter()
-                .map(|(n, i)| {
-                    json!({"instance": n, "status": i.status.as_str(), "last_seen": i.last_seen_at, "incarnation": i.incarnation})
+                .map(|(n, i)| InstanceStatus {
+                    instance: n.clone(),
+                    status: i.status,
+                    last_seen: i.last_seen_at.clone(),
+                    incarnation: i.incarnation,
                 })
                 .collect();
             let (since, changed) = match st.service_status.get(service) {
@@ -520,7 +509,12 @@ impl Ctx {
             summary_changed = changed;
             st.service_status
                 .insert(service.to_owned(), (best, since.clone()));
-            json!({"service": service, "status": best.as_str(), "since": since, "instances": instances})
+            HealthStatus {
+                service: service.to_owned(),
+                status: best,
+                since,
+                instances,
+            }
         };
         let topic = format!("{}/health/status/{service}", self.prefix);
         let opts = PublishOptions::retained();
@@ -539,16 +533,21 @@ impl Ctx {
                 .map(|(s, _)| *s)
                 .min()
                 .unwrap_or(Status::Healthy);
-            let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
-            let services: BTreeMap<&str, &str> = st
+            let mut counts: BTreeMap<Status, u32> = BTreeMap::new();
+            let services: BTreeMap<String, Status> = st
                 .service_status
                 .iter()
                 .map(|(k, (s, _))| {
-                    *counts.entry(s.as_str()).or_default() += 1;
-                    (k.as_str(), s.as_str())
+                    *counts.entry(*s).or_default() += 1;
+                    (k.clone(), *s)
                 })
                 .collect();
-            json!({"status": worst.as_str(), "services": services, "counts": counts, "at": timestamp()})
+            HealthSummary {
+                status: worst,
+                services,
+                counts,
+                at: timestamp(),
+            }
         };
         let topic = format!("{}/health/summary", self.prefix);
         let opts = PublishOptions::retained();
