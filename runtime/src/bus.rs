@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::topic::{check_filter, check_topic, matches};
 
-/// How a [`Bus`] connects.
-#[derive(Debug, Clone)]
+/// How a [`Bus`] connects. Its `Debug` never shows the password.
+#[derive(Clone)]
 pub struct BusOptions {
     /// Broker address, `host:port`.
     pub broker: String,
@@ -64,7 +64,8 @@ pub struct BusOptions {
     /// Buffer of each subscription; a consumer that falls further behind loses messages,
     /// counted per subscription.
     pub subscription_buffer: usize,
-    /// Topic replies to this client's requests come back on.
+    /// Topic replies to this client's requests come back on; `None`:
+    /// `{prefix}/system/reply/{client_id}`, so that every bus can make requests.
     pub reply_topic: Option<String>,
     /// Last Will, published by the broker when this connection dies.
     pub will: Option<Will>,
@@ -75,6 +76,35 @@ pub struct BusOptions {
     /// `slow_subscriber_timeout`, or its offline queue was full) are then counted, logged,
     /// charged to the subscriptions they were for, and sent to [`Bus::lag_events`].
     pub watch_lag: bool,
+}
+
+impl std::fmt::Debug for BusOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let credentials = self
+            .credentials
+            .as_ref()
+            .map(|(user, _)| format!("{user}:<redacted>"));
+        f.debug_struct("BusOptions")
+            .field("broker", &self.broker)
+            .field("client_id", &self.client_id)
+            .field("prefix", &self.prefix)
+            .field("credentials", &credentials)
+            .field("keep_alive", &self.keep_alive)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_payload", &self.max_payload)
+            .field("max_incoming_packet", &self.max_incoming_packet)
+            .field("inflight", &self.inflight)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("requeue_limit", &self.requeue_limit)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .field("reply_topic", &self.reply_topic)
+            .field("will", &self.will)
+            .field("presence", &self.presence)
+            .field("watch_lag", &self.watch_lag)
+            .finish()
+    }
 }
 
 /// A Last Will message.
@@ -420,8 +450,18 @@ pub const PACKET_OVERHEAD: usize = 1024;
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::getrandom(&mut b).is_err() {
-        let t = Instant::now().elapsed().as_nanos() as u64;
-        return t ^ (std::process::id() as u64) << 32;
+        // No OS randomness: std's per-process random hasher keys over the wall clock, the
+        // pid and a counter, so two calls never return the same value.
+        use std::hash::{BuildHasher, Hasher};
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        h.write_u128(now.as_nanos());
+        h.write_u32(std::process::id());
+        h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+        return h.finish();
     }
     u64::from_le_bytes(b)
 }
@@ -429,7 +469,12 @@ pub fn random_u64() -> u64 {
 impl Bus {
     /// Starts the connection task and returns at once; the connection comes up in the
     /// background (see [`Bus::wait_connected`]). Must be called inside a tokio runtime.
-    pub fn connect(options: BusOptions) -> Result<Bus, BusError> {
+    pub fn connect(mut options: BusOptions) -> Result<Bus, BusError> {
+        if options.reply_topic.is_none() {
+            let topic = edgebus_proto::tree::Tree::new(&options.prefix).reply(&options.client_id);
+            // A client id a topic level cannot hold (`+`, `#`) gets no reply topic.
+            options.reply_topic = check_topic(&topic).is_ok().then_some(topic);
+        }
         let (host, port) = split_host_port(&options.broker)
             .ok_or_else(|| BusError::InvalidAddress(options.broker.clone()))?;
         let mut mqtt = MqttOptions::new(options.client_id.clone(), host, port);
@@ -1363,5 +1408,38 @@ fn forget(inner: &Arc<Inner>, ids: &[u64]) {
         if !subs.iter().any(|s| s.filter == g.filter) {
             let _ = inner.client.try_unsubscribe(g.filter.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let mut o = BusOptions::new("127.0.0.1:1883", "c1");
+        o.credentials = Some(("alice".into(), "s3cret-pw".into()));
+        let shown = format!("{o:?}");
+        assert!(shown.contains("alice:<redacted>"), "{shown}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+    }
+
+    #[test]
+    fn random_values_differ() {
+        let a: std::collections::HashSet<u64> = (0..1000).map(|_| random_u64()).collect();
+        assert_eq!(a.len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn every_bus_has_a_reply_topic() {
+        let bus = Bus::connect(BusOptions::new("127.0.0.1:1", "plain-1")).expect("bus");
+        assert_eq!(
+            bus.options().reply_topic.as_deref(),
+            Some("edge/system/reply/plain-1")
+        );
+        bus.close(Duration::ZERO).await;
+        let bus = Bus::connect(BusOptions::new("127.0.0.1:1", "odd#id")).expect("bus");
+        assert_eq!(bus.options().reply_topic, None);
+        bus.close(Duration::ZERO).await;
     }
 }

@@ -64,6 +64,9 @@ pub enum RequestError {
     /// The reply could not be read.
     #[error("unreadable reply: {0}")]
     BadReply(String),
+    /// The request could not be encoded as JSON.
+    #[error("the request cannot be encoded: {0}")]
+    Encode(String),
     /// The target's circuit breaker is open: the request was not sent.
     #[error("circuit open for `{target}`; next trial in {retry_after:?}")]
     CircuitOpen {
@@ -88,6 +91,7 @@ impl RequestError {
             RequestError::Bus(BusError::InvalidTopic(..)) => code::BAD_REQUEST,
             RequestError::Bus(_) => code::SERVICE_UNAVAILABLE,
             RequestError::BadReply(_) | RequestError::NoReplyTopic => code::INTERNAL_ERROR,
+            RequestError::Encode(_) => code::BAD_REQUEST,
         }
     }
 
@@ -130,8 +134,7 @@ impl Bus {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let body =
-            serde_json::to_vec(payload).map_err(|e| RequestError::BadReply(e.to_string()))?;
+        let body = serde_json::to_vec(payload).map_err(|e| RequestError::Encode(e.to_string()))?;
         let reply = self
             .request_raw(
                 &self.request_topic(target),

@@ -74,6 +74,27 @@ impl<T> Request<T> {
             .await
     }
 
+    /// The state given to [`ServiceBuilder::with_state`], shared by every handler of the
+    /// service.
+    ///
+    /// # Panics
+    /// When the builder was given no state of type `S`: a programming error, which the
+    /// request it happens in answers with `INTERNAL_ERROR` (handlers run under
+    /// `catch_unwind`).
+    pub fn state<S: Send + Sync + 'static>(&self) -> Arc<S> {
+        self.events
+            .0
+            .state
+            .clone()
+            .and_then(|s| s.downcast::<S>().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no state of type {} (give it with ServiceBuilder::with_state)",
+                    std::any::type_name::<S>()
+                )
+            })
+    }
+
     /// The value of the request's MQTT 5 user property `key`, if it has one.
     pub fn user_property(&self, key: &str) -> Option<&str> {
         self.user_properties
@@ -119,6 +140,24 @@ pub enum StartError {
         service: String,
         /// What disagrees.
         message: String,
+    },
+    /// State the service keeps (a journal, a store) could not be opened.
+    #[error("service `{service}`: {what}: {message}")]
+    State {
+        /// The service.
+        service: String,
+        /// What could not be opened (`saga journal /var/lib/edgebus/sagas.journal`).
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// No service of that name can be started here.
+    #[error("no service `{name}` here ({known})")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// What can be started, for the message.
+        known: String,
     },
     /// topics.toml (`EDGEBUS_CONFIG`) could not be read or is invalid.
     #[error("{}: {message}", file.display())]
@@ -205,6 +244,19 @@ pub struct ServiceBuilder {
     max_request: usize,
     heartbeat: Duration,
     checks: Checks,
+    state: Option<SharedState>,
+}
+
+/// State shared by a service's handlers ([`ServiceBuilder::with_state`]).
+type SharedState = Arc<dyn std::any::Any + Send + Sync>;
+
+/// A [`ServiceBuilder`] for `name`, with the version of the crate that calls the macro
+/// (`CARGO_PKG_VERSION`): `edgebus_runtime::service!("greeter")`.
+#[macro_export]
+macro_rules! service {
+    ($name:expr) => {
+        $crate::service::ServiceBuilder::new($name).version(env!("CARGO_PKG_VERSION"))
+    };
 }
 
 impl BusOptions {
@@ -246,12 +298,20 @@ impl ServiceBuilder {
             },
             declared: None,
             contract: Vec::new(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: "unknown".into(),
             handlers: BTreeMap::new(),
             max_request: 256 * 1024,
             heartbeat: Duration::from_secs(1),
             checks: Checks::default(),
+            state: None,
         }
+    }
+
+    /// State every handler of the service shares, read with [`Request::state`]: a store, a
+    /// client, a configuration. Given once here instead of cloned into each closure.
+    pub fn with_state<S: Send + Sync + 'static>(mut self, state: S) -> Self {
+        self.state = Some(Arc::new(state));
+        self
     }
 
     /// The service's name.
@@ -281,7 +341,8 @@ impl ServiceBuilder {
         self
     }
 
-    /// The version reported in the registry.
+    /// The version reported in the registry (`unknown` unless given; [`crate::service!`]
+    /// gives the calling crate's).
     pub fn version(mut self, version: impl Into<String>) -> Self {
         self.version = version.into();
         self
@@ -471,6 +532,7 @@ impl ServiceBuilder {
             bus: bus.clone(),
             deadletter: format!("{}/system/deadletter/{}", bus.prefix(), spec.name),
             started: Instant::now(),
+            state: self.state.clone(),
             stats: spec
                 .endpoints
                 .iter()
@@ -552,6 +614,7 @@ pub(crate) struct ServiceInner {
     pub(crate) spec: ServiceSpec,
     deadletter: String,
     started: Instant,
+    state: Option<SharedState>,
     stats: BTreeMap<String, Arc<EndpointStats>>,
 }
 

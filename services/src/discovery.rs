@@ -13,7 +13,7 @@ use edgebus_runtime::contract::{EndpointSpec, RESERVED_SERVICE_NAMES};
 use edgebus_runtime::proto::records::{
     DiscoveryEvent, DiscoveryUpdate, Registration, REASON_STOPPED,
 };
-use edgebus_runtime::service::{reply_error, Request, Service, ServiceBuilder, StartError};
+use edgebus_runtime::service::{reply_error, Request, Service, StartError};
 use edgebus_runtime::wire::{code, timestamp, ErrorBody, ServiceError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -182,7 +182,7 @@ pub async fn start(
     list.topic = Some(format!("{prefix}/system/discovery/list"));
     list.description = "instances, filtered by service, capability, tag, status".into();
     let reg = registry.clone();
-    let service = ServiceBuilder::new("discovery")
+    let service = edgebus_runtime::service!("discovery")
         .description("the registry of service instances")
         .capability("discovery")
         .endpoint_with(list, move |req: Request<Value>| {

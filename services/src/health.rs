@@ -19,7 +19,7 @@ use edgebus_runtime::presence::Status;
 use edgebus_runtime::records::{
     HealthAlert, HealthStatus, HealthSummary, Heartbeat, InstanceStatus, Registration,
 };
-use edgebus_runtime::service::{Service, ServiceBuilder, StartError};
+use edgebus_runtime::service::{Service, StartError};
 use edgebus_runtime::wire::timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -75,7 +75,7 @@ struct Ctx {
 
 /// Starts the monitor on `bus` (made with `BusOptions::for_service(…, "health-monitor", …)`).
 pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Monitor, StartError> {
-    let service = ServiceBuilder::new("health-monitor")
+    let service = edgebus_runtime::service!("health-monitor")
         .description("status of every service from heartbeats and registrations")
         .capability("health")
         .start(bus)

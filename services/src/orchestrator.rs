@@ -22,7 +22,7 @@ use edgebus_runtime::saga::{
     template_paths, FileJournal, Journal, Observer, RetryPolicy, RunState, RunStatus, Saga, Step,
     StepStatus, Transition,
 };
-use edgebus_runtime::service::{reply_error, ReplyAddress, Service, ServiceBuilder, StartError};
+use edgebus_runtime::service::{reply_error, ReplyAddress, Service, StartError};
 use edgebus_runtime::wire::{code, ErrorBody, RequestMeta};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -299,12 +299,13 @@ pub async fn start(
 ) -> Result<Orchestrator, StartError> {
     let path = config.journal_path();
     let (journal, pending) =
-        FileJournal::open(&path, config.max_journal.0).map_err(|e| StartError::Contract {
+        FileJournal::open(&path, config.max_journal.0).map_err(|e| StartError::State {
             service: "orchestrator".into(),
-            message: format!("saga journal {}: {e}", path.display()),
+            what: format!("saga journal {}", path.display()),
+            message: e.to_string(),
         })?;
     let journal = Arc::new(journal);
-    let mut builder = ServiceBuilder::new("orchestrator")
+    let mut builder = edgebus_runtime::service!("orchestrator")
         .description("runs the sagas declared in topics.toml")
         .capability("saga");
     for s in sagas {

@@ -387,6 +387,13 @@ fn readme_service_example_runs() {
     assert!(ok, "{out}");
     assert!(out.contains(r#""data":{"greeting":"hello, pi"}"#), "{out}");
     assert!(out.contains(r#""instance":"greeter-1""#), "{out}");
+    // Its version is its own crate's (examples/greeter is 1.0.0; the runtime is not).
+    let (_, reg) = run_tool(
+        "mosquitto_sub",
+        &port,
+        &["-t", "edge/system/discovery/greeter/greeter-1", "-C", "1", "-W", "5"],
+    );
+    assert!(reg.contains(r#""version":"1.0.0""#), "{reg}");
     let ev = json_of(&events.next(T).expect("the greeted event"));
     assert_eq!(ev["type"], "greeter.greeted", "{ev}");
     assert_eq!(ev["data"]["name"], "pi", "{ev}");

@@ -15,8 +15,7 @@ async fn hello(req: Request<Hello>) -> Result<Value, ServiceError> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     edgebus_runtime::init_logging();
-    ServiceBuilder::new("greeter")
-        .version(env!("CARGO_PKG_VERSION"))
+    edgebus_runtime::service!("greeter") // its name, and this crate's version
         .endpoint("hello", hello)
         .event(EventSpec::new("greeted"))
         .run() // serves until SIGINT or SIGTERM, then stops cleanly

@@ -21,7 +21,7 @@ pub fn builder(file: &TopicsFile) -> ServiceBuilder {
     spec.max_concurrency = 64;
     spec.description =
         "replies with the request's data; `delay_ms` delays the reply, `emit` publishes it".into();
-    let mut builder = ServiceBuilder::new("echo")
+    let mut builder = edgebus_runtime::service!("echo")
         .description("answers every request with its own data")
         .capability("echo")
         .contract(&file.service);

@@ -123,7 +123,7 @@ pub fn builder(file: &TopicsFile, sampler: Arc<Mutex<Sampler>>) -> ServiceBuilde
     read.description = "a fresh reading".into();
     let mut reading = EventSpec::new("reading");
     reading.retain = true;
-    ServiceBuilder::new("hostmetrics")
+    edgebus_runtime::service!("hostmetrics")
         .description("load, memory, CPU and temperature of this host")
         .capability("metrics")
         .contract(&file.service)

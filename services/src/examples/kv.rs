@@ -113,101 +113,96 @@ struct Prefix {
 
 /// The service as built, before it is bound to a bus.
 pub fn builder(file: &TopicsFile) -> ServiceBuilder {
-    let kv = Arc::new(Kv::default());
-    let (k1, k2, k3, k4) = (kv.clone(), kv.clone(), kv.clone(), kv);
-    ServiceBuilder::new("kv")
+    edgebus_runtime::service!("kv")
         .description("an in-memory key-value store with idempotent writes")
         .capability("kv")
         .contract(&file.service)
-        .endpoint("put", move |req: Request<Put>| {
-            let kv = k1.clone();
-            async move {
-                let key = idempotency_key(&req);
-                let p = req.data;
-                if p.delay_ms > 60_000 {
-                    return Err(ServiceError::bad_request(
-                        "field `delay_ms`: expected 0 to 60000",
-                    ));
-                }
-                kv.clone()
-                    .once(key, || async move {
-                        if p.delay_ms > 0 {
-                            tokio::time::sleep(Duration::from_millis(p.delay_ms)).await;
-                        }
-                        let mut s = kv.store();
-                        if p.if_absent && s.data.contains_key(&p.key) {
-                            return Err(ErrorBody::new(
-                                "CONFLICT",
-                                format!("key `{}` exists", p.key),
-                            ));
-                        }
-                        let version = s.data.get(&p.key).map_or(1, |(_, v)| v + 1);
-                        s.data.insert(p.key.clone(), (p.value, version));
-                        *s.puts.entry(p.key.clone()).or_default() += 1;
-                        Ok(json!({"key": p.key, "version": version}))
-                    })
-                    .await
+        .with_state(Kv::default())
+        .endpoint("put", put)
+        .endpoint("get", get)
+        .endpoint("delete", delete)
+        .endpoint("stats", stats)
+}
+
+async fn put(req: Request<Put>) -> Result<Value, ServiceError> {
+    let kv = req.state::<Kv>();
+    let key = idempotency_key(&req);
+    let p = req.data;
+    if p.delay_ms > 60_000 {
+        return Err(ServiceError::bad_request(
+            "field `delay_ms`: expected 0 to 60000",
+        ));
+    }
+    kv.clone()
+        .once(key, || async move {
+            if p.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(p.delay_ms)).await;
             }
-        })
-        .endpoint("get", move |req: Request<Key>| {
-            let kv = k2.clone();
-            async move {
-                let s = kv.store();
-                match s.data.get(&req.data.key) {
-                    Some((v, version)) => {
-                        Ok(json!({"key": req.data.key, "value": v, "version": version}))
-                    }
-                    None => Err(ServiceError::not_found(format!(
-                        "no key `{}`",
-                        req.data.key
-                    ))),
-                }
+            let mut s = kv.store();
+            if p.if_absent && s.data.contains_key(&p.key) {
+                return Err(ErrorBody::new(
+                    "CONFLICT",
+                    format!("key `{}` exists", p.key),
+                ));
             }
+            let version = s.data.get(&p.key).map_or(1, |(_, v)| v + 1);
+            s.data.insert(p.key.clone(), (p.value, version));
+            *s.puts.entry(p.key.clone()).or_default() += 1;
+            Ok(json!({"key": p.key, "version": version}))
         })
-        .endpoint("delete", move |req: Request<Key>| {
-            let kv = k3.clone();
-            async move {
-                let key = idempotency_key(&req);
-                let k = req.data;
-                kv.clone()
-                    .once(key, || async move {
-                        let mut s = kv.store();
-                        let deleted = s.data.remove(&k.key).is_some();
-                        if !deleted && k.if_present {
-                            return Err(ServiceError::not_found(format!("no key `{}`", k.key)));
-                        }
-                        if deleted {
-                            *s.deletes.entry(k.key.clone()).or_default() += 1;
-                        }
-                        Ok(json!({"key": k.key, "deleted": deleted}))
-                    })
-                    .await
+        .await
+}
+
+async fn get(req: Request<Key>) -> Result<Value, ServiceError> {
+    let kv = req.state::<Kv>();
+    let s = kv.store();
+    match s.data.get(&req.data.key) {
+        Some((v, version)) => Ok(json!({"key": req.data.key, "value": v, "version": version})),
+        None => Err(ServiceError::not_found(format!(
+            "no key `{}`",
+            req.data.key
+        ))),
+    }
+}
+
+async fn delete(req: Request<Key>) -> Result<Value, ServiceError> {
+    let kv = req.state::<Kv>();
+    let key = idempotency_key(&req);
+    let k = req.data;
+    kv.clone()
+        .once(key, || async move {
+            let mut s = kv.store();
+            let deleted = s.data.remove(&k.key).is_some();
+            if !deleted && k.if_present {
+                return Err(ServiceError::not_found(format!("no key `{}`", k.key)));
             }
-        })
-        .endpoint("stats", move |req: Request<Option<Prefix>>| {
-            let kv = k4.clone();
-            async move {
-                let prefix = req.data.unwrap_or_default().prefix;
-                let s = kv.store();
-                let keep = |k: &&String| k.starts_with(&prefix);
-                let data: BTreeMap<&String, &Value> = s
-                    .data
-                    .iter()
-                    .filter(|(k, _)| keep(k))
-                    .map(|(k, (v, _))| (k, v))
-                    .collect();
-                let puts: BTreeMap<&String, &u64> =
-                    s.puts.iter().filter(|(k, _)| keep(k)).collect();
-                let deletes: BTreeMap<&String, &u64> =
-                    s.deletes.iter().filter(|(k, _)| keep(k)).collect();
-                Ok::<_, ServiceError>(json!({
-                    "data": data,
-                    "puts": puts,
-                    "deletes": deletes,
-                    "repeats": kv.repeats.load(std::sync::atomic::Ordering::Relaxed),
-                }))
+            if deleted {
+                *s.deletes.entry(k.key.clone()).or_default() += 1;
             }
+            Ok(json!({"key": k.key, "deleted": deleted}))
         })
+        .await
+}
+
+async fn stats(req: Request<Option<Prefix>>) -> Result<Value, ServiceError> {
+    let kv = req.state::<Kv>();
+    let prefix = req.data.unwrap_or_default().prefix;
+    let s = kv.store();
+    let keep = |k: &&String| k.starts_with(&prefix);
+    let data: BTreeMap<&String, &Value> = s
+        .data
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, (v, _))| (k, v))
+        .collect();
+    let puts: BTreeMap<&String, &u64> = s.puts.iter().filter(|(k, _)| keep(k)).collect();
+    let deletes: BTreeMap<&String, &u64> = s.deletes.iter().filter(|(k, _)| keep(k)).collect();
+    Ok(json!({
+        "data": data,
+        "puts": puts,
+        "deletes": deletes,
+        "repeats": kv.repeats.load(std::sync::atomic::Ordering::Relaxed),
+    }))
 }
 
 /// Starts `kv` on `bus`.

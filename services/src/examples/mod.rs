@@ -24,12 +24,9 @@ pub async fn start(name: &str, file: &TopicsFile, bus: &Bus) -> Result<Service, 
         "echo" => echo::start(file, bus).await,
         "hostmetrics" => hostmetrics::start(file, bus).await,
         "kv" => kv::start(file, bus).await,
-        other => Err(StartError::Contract {
-            service: other.to_owned(),
-            message: format!(
-                "no built-in service `{other}` (built-in: {})",
-                BUILTIN.join(", ")
-            ),
+        other => Err(StartError::Unknown {
+            name: other.to_owned(),
+            known: format!("built-in: {}", BUILTIN.join(", ")),
         }),
     }
 }
