@@ -57,6 +57,11 @@ impl Tree {
         format!("{}/health/heartbeat/+/+", self.prefix)
     }
 
+    /// `P/health/heartbeat/{service}/+`: every instance of one service.
+    pub fn heartbeats_of(&self, service: &str) -> String {
+        format!("{}/health/heartbeat/{service}/+", self.prefix)
+    }
+
     /// `P/health/status/{service}`, retained.
     pub fn health_status(&self, service: &str) -> String {
         format!("{}/health/status/{service}", self.prefix)

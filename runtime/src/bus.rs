@@ -921,7 +921,7 @@ impl Bus {
     }
 
     fn register_lag_subscription(&self) {
-        let topic = format!("{}/system/broker/lag", self.prefix());
+        let topic = edgebus_proto::tree::Tree::new(self.prefix()).broker_lag();
         let (_, mut subscriber) = self.new_subscription(&topic, &topic, 0, None);
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {

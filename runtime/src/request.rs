@@ -339,7 +339,7 @@ impl Bus {
         let letter = crate::service::dead_letter_body(service, instance, topic, payload, error);
         tracing::warn!(topic, correlation_id = correlation, code = %error.code, error = %error.message, "request failed after its retries; dead letter published");
         self.counters().dead_letters.fetch_add(1, Ordering::Relaxed);
-        let to = format!("{}/system/deadletter/{service}", self.prefix());
+        let to = edgebus_proto::tree::Tree::new(self.prefix()).dead_letter(service);
         let _ = self
             .publish_json(&to, &letter, PublishOptions::qos(1))
             .await;

@@ -272,7 +272,7 @@ impl BusOptions {
         let instance =
             instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
         let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
-        o.reply_topic = Some(format!("{prefix}/system/reply/{instance}"));
+        o.reply_topic = Some(edgebus_proto::tree::Tree::new(&prefix).reply(&instance));
         let identity = crate::presence::Identity::new(service, &instance);
         o.will = Some(identity.will(&prefix));
         o.presence = Some(identity);
@@ -530,7 +530,7 @@ impl ServiceBuilder {
             instance: bus.client_id().to_owned(),
             version: self.version.clone(),
             bus: bus.clone(),
-            deadletter: format!("{}/system/deadletter/{}", bus.prefix(), spec.name),
+            deadletter: edgebus_proto::tree::Tree::new(bus.prefix()).dead_letter(&spec.name),
             started: Instant::now(),
             state: self.state.clone(),
             stats: spec

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context};
 use edgebus_runtime::bus::{Bus, BusOptions};
 use edgebus_runtime::request::RequestOptions;
 use edgebus_runtime::service::Service;
+use edgebus_runtime::tree::Tree;
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1007,7 +1008,7 @@ pub async fn saga_figures(addr: SocketAddr, runs: usize) -> anyhow::Result<[Stri
         .start(&kv_bus)
         .await?;
     let mut o = BusOptions::new(addr.to_string(), format!("{prefix}-saga"));
-    o.reply_topic = Some(format!("{prefix}/system/reply/saga"));
+    o.reply_topic = Some(Tree::new(&prefix).reply("saga"));
     o.prefix = prefix.clone();
     let bus = Bus::connect(o)?;
     anyhow::ensure!(
@@ -1015,13 +1016,13 @@ pub async fn saga_figures(addr: SocketAddr, runs: usize) -> anyhow::Result<[Stri
         "broker unreachable"
     );
     anyhow::ensure!(bus.sync(Duration::from_secs(5)).await, "broker unreachable");
-    let put = format!("{prefix}/kv/put/request");
+    let put = Tree::new(&prefix).request("kv", "put");
     let mut saga = Saga::new("bench");
     for s in ["a", "b", "c"] {
         saga = saga.step(
             Step::call(s, put.clone())
                 .input(serde_json::json!({"key": format!("${{run_id}}/{s}"), "value": 1}))
-                .compensate_call(format!("{prefix}/kv/delete/request")),
+                .compensate_call(Tree::new(&prefix).request("kv", "delete")),
         );
     }
     let dir = std::env::temp_dir().join(format!("edgebus-bench-{prefix}"));

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use edgebus_runtime::bus::{random_u64, Bus, BusOptions, Message, PublishOptions};
 use edgebus_runtime::request::{RequestError, RequestOptions};
+use edgebus_runtime::tree::Tree;
 use hdrhistogram::Histogram;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -79,19 +80,19 @@ async fn trials_on(
     ))?;
     let mut o = BusOptions::new(broker.clone(), format!("{prefix}-watch"));
     o.prefix = prefix.to_owned();
-    o.reply_topic = Some(format!("{prefix}/system/reply/watch"));
+    o.reply_topic = Some(Tree::new(prefix).reply("watch"));
     let watch = Bus::connect(o)?;
     let disc = discovery::start(prefix, &DiscoveryConfig::default(), &d_bus).await?;
     let mon = health::start(prefix, &HealthConfig::default(), &m_bus).await?;
 
     let mut updates = watch
-        .subscribe(&format!("{prefix}/system/discovery/update"), 1)
+        .subscribe(&Tree::new(prefix).discovery_update(), 1)
         .await?;
     let mut alerts = watch
-        .subscribe(&format!("{prefix}/health/alert"), 1)
+        .subscribe(&Tree::new(prefix).health_alert(), 1)
         .await?;
     let mut beats = watch
-        .subscribe(&format!("{prefix}/health/heartbeat/hostmetrics/+"), 0)
+        .subscribe(&Tree::new(prefix).heartbeats_of("hostmetrics"), 0)
         .await?;
     if !watch.sync(Duration::from_secs(5)).await {
         bail!("the broker at {addr} did not answer");
@@ -164,7 +165,7 @@ async fn trials_on(
             timeout: Duration::from_secs(2),
             ..RequestOptions::default()
         };
-        let topic = format!("{prefix}/echo/echo/request");
+        let topic = Tree::new(prefix).request("echo", "echo");
         match watch
             .request_raw(&topic, bytes::Bytes::from_static(b"{}"), &opts)
             .await
@@ -244,7 +245,7 @@ async fn trials_on(
     // Leave no retained records behind on the broker.
     let clear = PublishOptions::retained();
     for (service, instance) in &instances {
-        let topic = format!("{prefix}/system/discovery/{service}/{instance}");
+        let topic = Tree::new(prefix).registration(service, instance);
         let _ = watch.publish(&topic, Vec::new(), clear.clone()).await;
     }
     mon.service.stop(Duration::from_millis(500)).await;
@@ -255,15 +256,15 @@ async fn trials_on(
         ("health-monitor", mon.service.instance()),
         ("discovery", disc.service.instance()),
     ] {
-        let topic = format!("{prefix}/system/discovery/{service}/{instance}");
+        let topic = Tree::new(prefix).registration(service, instance);
         let _ = watch.publish(&topic, Vec::new(), clear.clone()).await;
     }
     for s in ["echo", "hostmetrics"] {
-        let topic = format!("{prefix}/health/status/{s}");
+        let topic = Tree::new(prefix).health_status(s);
         let _ = watch.publish(&topic, Vec::new(), clear.clone()).await;
     }
     let _ = watch
-        .publish(&format!("{prefix}/health/summary"), Vec::new(), clear)
+        .publish(&Tree::new(prefix).health_summary(), Vec::new(), clear)
         .await;
     watch.sync(Duration::from_secs(2)).await;
     watch.close(Duration::from_millis(500)).await;

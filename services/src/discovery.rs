@@ -14,6 +14,7 @@ use edgebus_runtime::proto::records::{
     DiscoveryEvent, DiscoveryUpdate, Registration, REASON_STOPPED,
 };
 use edgebus_runtime::service::{reply_error, Request, Service, StartError};
+use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::{code, timestamp, ErrorBody, ServiceError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -179,7 +180,7 @@ pub async fn start(
 ) -> Result<Discovery, StartError> {
     let registry = Arc::new(Registry::default());
     let mut list = EndpointSpec::new("list");
-    list.topic = Some(format!("{prefix}/system/discovery/list"));
+    list.topic = Some(Tree::new(prefix).discovery_list());
     list.description = "instances, filtered by service, capability, tag, status".into();
     let reg = registry.clone();
     let service = edgebus_runtime::service!("discovery")
@@ -202,15 +203,15 @@ pub async fn start(
         .await?;
 
     let mut records = bus
-        .subscribe(&format!("{prefix}/system/discovery/+/+"), 1)
+        .subscribe(&Tree::new(prefix).all_registrations(), 1)
         .await?;
     let synced = Arc::new(AtomicBool::new(false));
-    let updates = format!("{prefix}/system/discovery/update");
-    let list_base = format!("{prefix}/system/discovery/list/");
+    let updates = Tree::new(prefix).discovery_update();
+    let tree = Tree::new(prefix);
     let (b, r, up) = (bus.clone(), registry.clone(), updates.clone());
     service.spawn(async move {
         while let Some(msg) = records.recv().await {
-            if msg.topic.starts_with(&list_base) || msg.topic == up {
+            if !tree.is_registration(&msg.topic) {
                 continue;
             }
             apply(&b, &r, &up, &msg).await;
@@ -250,7 +251,7 @@ pub async fn start(
     });
 
     if config.no_responders {
-        let mut requests = bus.subscribe(&format!("{prefix}/+/+/request"), 0).await?;
+        let mut requests = bus.subscribe(&Tree::new(prefix).all_requests(), 0).await?;
         let (b, r, s) = (bus.clone(), registry.clone(), synced.clone());
         let me = service.instance().to_owned();
         let levels = prefix.split('/').count();

@@ -20,6 +20,7 @@ use edgebus_runtime::records::{
     HealthAlert, HealthStatus, HealthSummary, Heartbeat, InstanceStatus, Registration,
 };
 use edgebus_runtime::service::{Service, StartError};
+use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -88,7 +89,7 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
     });
     // Our own retained records first: the state already alerted before a restart.
     let mut statuses = bus
-        .subscribe(&format!("{prefix}/health/status/+"), 1)
+        .subscribe(&Tree::new(prefix).all_health_statuses(), 1)
         .await?;
     // Retained statuses are in before our round trip completes; take them before anything
     // else, so that what happened while the monitor was away is compared with what it last
@@ -101,10 +102,10 @@ pub async fn start(prefix: &str, config: &HealthConfig, bus: &Bus) -> Result<Mon
         }
     }
     let mut beats = bus
-        .subscribe(&format!("{prefix}/health/heartbeat/+/+"), 0)
+        .subscribe(&Tree::new(prefix).all_heartbeats(), 0)
         .await?;
     let mut records = bus
-        .subscribe(&format!("{prefix}/system/discovery/+/+"), 1)
+        .subscribe(&Tree::new(prefix).all_registrations(), 1)
         .await?;
     let c = ctx.clone();
     service.spawn(async move {
@@ -399,7 +400,7 @@ impl Ctx {
         if forget_service {
             self.announce(transitions).await;
             let opts = PublishOptions::retained();
-            let topic = format!("{}/health/status/{service}", self.prefix);
+            let topic = Tree::new(&self.prefix).health_status(service);
             let _ = self.bus.publish(&topic, Vec::new(), opts).await;
             lock(&self.state).service_status.remove(service);
             self.publish_summary().await;
@@ -467,7 +468,7 @@ impl Ctx {
                 reason,
                 at: timestamp(),
             };
-            let topic = format!("{}/health/alert", self.prefix);
+            let topic = Tree::new(&self.prefix).health_alert();
             let _ = self
                 .bus
                 .publish_json(&topic, &alert, PublishOptions::qos(1))
@@ -516,7 +517,7 @@ impl Ctx {
                 instances,
             }
         };
-        let topic = format!("{}/health/status/{service}", self.prefix);
+        let topic = Tree::new(&self.prefix).health_status(service);
         let opts = PublishOptions::retained();
         let _ = self.bus.publish_json(&topic, &record, opts).await;
         if summary_changed {
@@ -549,7 +550,7 @@ impl Ctx {
                 at: timestamp(),
             }
         };
-        let topic = format!("{}/health/summary", self.prefix);
+        let topic = Tree::new(&self.prefix).health_summary();
         let opts = PublishOptions::retained();
         let _ = self.bus.publish_json(&topic, &summary, opts).await;
     }

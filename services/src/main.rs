@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use edgebus_runtime::metrics::{Metrics, MetricsServer};
 use edgebus_runtime::systemd::{self, Supervisor};
+use edgebus_runtime::tree::Tree;
 use edgebus_services::bench::{self, BenchOptions, Spawned, Target};
 use edgebus_services::config::TopicsFile;
 use edgebus_services::ops::{broker_status, BrokerCollector, Hooks};
@@ -402,7 +403,7 @@ fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         file.broker.listen = listen;
     }
-    let system_topic = format!("{}/system/broker", file.bus.prefix);
+    let system_topic = Tree::new(&file.bus.prefix).broker();
     let handle = edgebus_broker::Broker::start(file.broker, Some(system_topic))?;
     let addr = handle.local_addr();
     // One stable line on stdout, for scripts and tests that start us on port 0.
@@ -506,7 +507,7 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         file.broker.listen = listen;
     }
-    let system_topic = format!("{}/system/broker", file.bus.prefix);
+    let system_topic = Tree::new(&file.bus.prefix).broker();
     let handle = edgebus_broker::Broker::start(file.broker.clone(), Some(system_topic))?;
     let listen = handle.local_addr();
     let mut addr = listen;

@@ -23,6 +23,7 @@ use edgebus_runtime::saga::{
     StepStatus, Transition,
 };
 use edgebus_runtime::service::{reply_error, ReplyAddress, Service, StartError};
+use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::{code, ErrorBody, RequestMeta};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -241,7 +242,7 @@ fn request_topic(prefix: &str, services: &[ServiceSpec], call: &str) -> String {
         .find(|s| s.name == svc)
         .and_then(|s| s.endpoints.iter().find(|e| e.name == ep))
         .map(|e| e.base_topic(prefix, svc))
-        .unwrap_or_else(|| format!("{prefix}/{svc}/{ep}"));
+        .unwrap_or_else(|| Tree::new(prefix).endpoint_base(svc, ep));
     format!("{base}/request")
 }
 
@@ -325,7 +326,7 @@ pub async fn start(
     });
 
     // Finished runs whose records a crash left retained: cleared after retain_for.
-    let mut old = bus.subscribe(&format!("{prefix}/saga/+/runs/+"), 1).await?;
+    let mut old = bus.subscribe(&Tree::new(prefix).all_saga_runs(), 1).await?;
     bus.sync(Duration::from_secs(5)).await;
     while let Some(m) = old.try_recv() {
         let ended = serde_json::from_slice::<Value>(&m.payload)
@@ -368,8 +369,11 @@ pub async fn start(
 
     let mut requests = bus
         .subscribe_with(
-            &format!("$share/orchestrator/{prefix}/saga/+/request"),
-            &format!("{prefix}/saga/+/request"),
+            &format!(
+                "$share/orchestrator/{}",
+                Tree::new(prefix).all_saga_requests()
+            ),
+            &Tree::new(prefix).all_saga_requests(),
             1,
             None,
         )
@@ -470,7 +474,7 @@ impl Ctx {
         let Some((saga, retain_for)) = self.sagas.get(&state.saga) else {
             return;
         };
-        let topic = format!("{}/saga/{}/runs/{}", self.prefix, state.saga, state.run_id);
+        let topic = Tree::new(&self.prefix).saga_run(&state.saga, &state.run_id);
         let bus = self.bus.clone();
         let t = topic.clone();
         let observer: Observer = Arc::new(move |s: &RunState| {

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use edgebus_runtime::bus::{random_u64, Bus, BusOptions, ConnectFailure};
 use edgebus_runtime::request::{RequestError, RequestOptions};
+use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::{timestamp, ReplyBody};
 
 use crate::config::TopicsFile;
@@ -148,7 +149,7 @@ pub async fn call(
     .prefix(file.bus.prefix.clone());
     // One reply topic shared by every `edgebus call`: replies are told apart by their
     // correlation data, and the broker does not gain a filter per call.
-    o.reply_topic = Some(format!("{}/system/reply/cli", file.bus.prefix));
+    o.reply_topic = Some(Tree::new(&file.bus.prefix).cli_reply());
     o.max_payload = file.broker.max_payload.0 as usize;
     o.queue_capacity = 8;
     let bus = Bus::connect(o)?;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
+use edgebus_runtime::records::{HealthAlert, HealthStatus, Registration};
+use edgebus_runtime::tree::Tree;
 use serde_json::Value;
 
 use crate::config::TopicsFile;
@@ -15,7 +17,7 @@ fn cli_bus(file: &TopicsFile, broker: Option<&str>) -> anyhow::Result<Bus> {
     let broker = broker.unwrap_or(&file.bus.broker).to_owned();
     let mut o = BusOptions::new(broker, format!("edgebus-view-{:08x}", random_u64() as u32))
         .prefix(file.bus.prefix.clone());
-    o.reply_topic = Some(format!("{}/system/reply/cli", file.bus.prefix));
+    o.reply_topic = Some(Tree::new(&file.bus.prefix).cli_reply());
     Ok(Bus::connect(o)?)
 }
 
@@ -61,7 +63,7 @@ pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> an
     if !bus.sync(Duration::from_secs(5)).await {
         bail!("cannot reach the broker");
     }
-    let topic = format!("{}/system/discovery/list/request", file.bus.prefix);
+    let topic = format!("{}/request", Tree::new(&file.bus.prefix).discovery_list());
     let r = bus
         .request_raw(
             &topic,
@@ -89,23 +91,34 @@ pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> an
     ]
     .map(String::from)
     .to_vec()];
-    for i in data["instances"].as_array().into_iter().flatten() {
-        let s = |k: &str| i[k].as_str().unwrap_or("").to_owned();
-        let endpoints: Vec<&str> = i["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["name"].as_str())
-            .collect();
-        rows.push(vec![
-            s("service"),
-            s("instance"),
-            s("state"),
-            s("version"),
-            s("host"),
-            i["pid"].as_u64().map(|p| p.to_string()).unwrap_or_default(),
-            endpoints.join(","),
-        ]);
+    let list: Vec<Registration> = serde_json::from_value(data["instances"].clone())
+        .map_err(|e| anyhow!("discovery's list is unreadable: {e}"))?;
+    for r in &list {
+        let row = match r {
+            Registration::Online(b) => vec![
+                b.service.clone(),
+                b.instance.clone(),
+                "online".to_owned(),
+                b.version.clone(),
+                b.host.clone(),
+                b.pid.to_string(),
+                b.endpoints
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ],
+            Registration::Offline(d) => vec![
+                d.service.clone(),
+                d.instance.clone(),
+                "offline".to_owned(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        };
+        rows.push(row);
     }
     table(&rows, Some(2));
     Ok(())
@@ -120,20 +133,23 @@ pub async fn health(
 ) -> anyhow::Result<()> {
     let p = &file.bus.prefix;
     let bus = cli_bus(file, broker)?;
-    let mut statuses = bus.subscribe(&format!("{p}/health/status/+"), 1).await?;
-    let mut alerts = bus.subscribe(&format!("{p}/health/alert"), 1).await?;
-    let mut beats = bus
-        .subscribe(&format!("{p}/health/heartbeat/+/+"), 0)
+    let mut statuses = bus
+        .subscribe(&Tree::new(p).all_health_statuses(), 1)
         .await?;
+    let mut alerts = bus.subscribe(&Tree::new(p).health_alert(), 1).await?;
+    let mut beats = bus.subscribe(&Tree::new(p).all_heartbeats(), 0).await?;
     let t0 = std::time::Instant::now();
     if !bus.sync(Duration::from_secs(5)).await {
         bail!("cannot reach the broker");
     }
-    let mut records: BTreeMap<String, Value> = BTreeMap::new();
+    let mut records: BTreeMap<String, HealthStatus> = BTreeMap::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), statuses.recv()).await
     {
-        if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-            records.insert(m.topic.clone(), v);
+        match serde_json::from_slice::<HealthStatus>(&m.payload) {
+            Ok(v) => {
+                records.insert(m.topic.clone(), v);
+            }
+            Err(e) => eprintln!("edgebus: {}: unreadable status record: {e}", m.topic),
         }
     }
     // A status record is published when a status changes; its `last_seen` is the last
@@ -154,16 +170,14 @@ pub async fn health(
     }
     drop(beats);
     for v in records.values_mut() {
-        let service = v["service"].as_str().unwrap_or_default().to_owned();
-        for i in v["instances"].as_array_mut().into_iter().flatten() {
-            let instance = i["instance"].as_str().unwrap_or_default().to_owned();
-            if let Some(at) = seen.get(&(service.clone(), instance)) {
-                i["last_seen"] = Value::from(at.as_str());
+        for i in &mut v.instances {
+            if let Some(at) = seen.get(&(v.service.clone(), i.instance.clone())) {
+                i.last_seen = at.clone();
             }
         }
     }
     if json {
-        let all: Vec<&Value> = records.values().collect();
+        let all: Vec<&HealthStatus> = records.values().collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else if records.is_empty() {
         println!("no status records (is the health monitor running?)");
@@ -172,28 +186,22 @@ pub async fn health(
             .map(String::from)
             .to_vec()];
         for v in records.values() {
-            let insts: Vec<String> = v["instances"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let insts: Vec<String> = v
+                .instances
+                .iter()
                 .map(|i| {
-                    let ago = i["last_seen"]
-                        .as_str()
-                        .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    let ago = humantime::parse_rfc3339(&i.last_seen)
+                        .ok()
                         .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
                         .map(|d| format!(" (seen {}s ago)", d.as_secs()))
                         .unwrap_or_default();
-                    format!(
-                        "{}:{}{ago}",
-                        i["instance"].as_str().unwrap_or(""),
-                        i["status"].as_str().unwrap_or("")
-                    )
+                    format!("{}:{}{ago}", i.instance, i.status.as_str())
                 })
                 .collect();
             rows.push(vec![
-                v["service"].as_str().unwrap_or("").to_owned(),
-                v["status"].as_str().unwrap_or("").to_owned(),
-                v["since"].as_str().unwrap_or("").to_owned(),
+                v.service.clone(),
+                v.status.as_str().to_owned(),
+                v.since.clone(),
                 insts.join(" "),
             ]);
         }
@@ -202,21 +210,20 @@ pub async fn health(
     if watch {
         let colour = std::io::stdout().is_terminal();
         while let Some(m) = alerts.recv().await {
-            let Ok(a) = serde_json::from_slice::<Value>(&m.payload) else {
+            let Ok(a) = serde_json::from_slice::<HealthAlert>(&m.payload) else {
                 continue;
             };
             if json {
-                println!("{a}");
+                println!("{}", serde_json::to_string(&a).unwrap_or_default());
             } else {
-                let s = |k: &str| a[k].as_str().unwrap_or("").to_owned();
                 println!(
                     "{}  {}/{}  {} → {}  ({})",
-                    s("at"),
-                    s("service"),
-                    s("instance"),
-                    paint(&s("from"), colour),
-                    paint(&s("to"), colour),
-                    s("reason")
+                    a.at,
+                    a.service,
+                    a.instance,
+                    paint(a.from.as_str(), colour),
+                    paint(a.to.as_str(), colour),
+                    a.reason
                 );
             }
         }

@@ -391,7 +391,14 @@ fn readme_service_example_runs() {
     let (_, reg) = run_tool(
         "mosquitto_sub",
         &port,
-        &["-t", "edge/system/discovery/greeter/greeter-1", "-C", "1", "-W", "5"],
+        &[
+            "-t",
+            "edge/system/discovery/greeter/greeter-1",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
     );
     assert!(reg.contains(r#""version":"1.0.0""#), "{reg}");
     let ev = json_of(&events.next(T).expect("the greeted event"));
