@@ -14,9 +14,12 @@
 //! - [`app`]: a service as a program: options from the environment, the stop signal, and
 //!   [`service::ServiceBuilder::run`], an instance's whole life in one call.
 //! - [`bus`]: one resilient MQTT 5 connection per process.
-//! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks.
+//! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks, all
+//!   in one place.
 //! - [`request`]: the client side of request/response.
-//! - [`service`]: services, endpoints and the serving loop.
+//! - [`service`]: services: the builder (`service/builder.rs`), the request a handler sees
+//!   (`request.rs`), an endpoint's serving loop (`endpoint.rs`), and the one reply path
+//!   (`reply.rs`).
 //! - [`saga`]: sagas and pipelines: steps, retries, compensation, a durable journal.
 //! - [`events`]: event envelopes, typed event streams, batching.
 //! - [`stats`]: per-endpoint counters and latency percentiles.

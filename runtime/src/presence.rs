@@ -19,8 +19,12 @@ use edgebus_proto::records::{
 };
 use edgebus_proto::tree::Tree;
 
-use crate::bus::{Bus, PublishOptions, Will};
+use crate::bus::{Bus, BusError, PublishOptions, Will};
+use crate::service::ServiceInner;
+use crate::stats::EndpointSnapshot;
 use crate::wire::{now_ms, timestamp};
+use edgebus_proto::records::{Heartbeat, Lost};
+use tokio::task::JoinHandle;
 
 /// Who an instance is. `incarnation` is new at every process start and never goes back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,4 +247,96 @@ pub(crate) fn birth_record(
 /// (`ProcSubset=pid`), the system call is not.
 fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Registers the instance after every CONNACK, re-asserts the registration if something
+/// overwrites it while the instance lives, and publishes heartbeats.
+pub(crate) async fn start_presence(
+    presence: Arc<Presence>,
+    inner: &Arc<ServiceInner>,
+    bus: &Bus,
+    every: Duration,
+    checks: Checks,
+) -> Result<JoinHandle<()>, BusError> {
+    let topic = presence.identity.registration_topic(bus.prefix());
+    let mut own = bus.subscribe(&topic, 1).await?;
+    let hook_presence = presence.clone();
+    bus.on_connect(move |bus| hook_presence.publish_birth(bus));
+    let watch_presence = presence.clone();
+    let watch_bus = bus.clone();
+    let incarnation = presence.identity.incarnation;
+    let watcher = tokio::spawn(async move {
+        while let Some(msg) = own.recv().await {
+            let record = serde_json::from_slice::<Registration>(&msg.payload).ok();
+            let ours_online = record
+                .as_ref()
+                .is_some_and(|r| r.is_online() && r.incarnation() == incarnation);
+            if !ours_online
+                && watch_bus.is_connected()
+                && !watch_presence
+                    .stopping
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let record = String::from_utf8_lossy(&msg.payload);
+                tracing::info!(%record, "registration overwritten while running; re-registering");
+                watch_presence.publish_birth(&watch_bus);
+            }
+        }
+    });
+    let weak = Arc::downgrade(inner);
+    let bus = bus.clone();
+    Ok(tokio::spawn(async move {
+        let _watcher = AbortOnDrop(watcher);
+        if every.is_zero() {
+            return std::future::pending().await;
+        }
+        let hb_topic = presence.identity.heartbeat_topic(bus.prefix());
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            if !bus.is_connected() {
+                continue;
+            }
+            let (status, results) = checks.run(every / 2).await;
+            seq += 1;
+            let bs = bus.stats();
+            let circuits = bus.circuits();
+            let beat = Heartbeat {
+                service: presence.identity.service.clone(),
+                instance: presence.identity.instance.clone(),
+                incarnation: presence.identity.incarnation,
+                seq,
+                status,
+                interval_ms: every.as_millis() as u64,
+                uptime_s: (inner.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                checks: results,
+                stats: EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot())),
+                lost: (bs.skipped_at_broker + bs.dropped_incoming > 0).then_some(Lost {
+                    at_broker: bs.skipped_at_broker,
+                    in_buffers: bs.dropped_incoming,
+                }),
+                circuits: (!circuits.is_empty()).then(|| {
+                    circuits
+                        .iter()
+                        .map(|(k, c)| (k.clone(), c.state.as_str().to_owned()))
+                        .collect()
+                }),
+            };
+            drop(inner);
+            let _ = bus
+                .publish_json(&hb_topic, &beat, PublishOptions::qos(0))
+                .await;
+        }
+    }))
+}
+
+pub(crate) struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
