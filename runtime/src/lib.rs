@@ -13,7 +13,8 @@
 //! The client:
 //! - [`app`]: a service as a program: options from the environment, the stop signal, and
 //!   [`service::ServiceBuilder::run`], an instance's whole life in one call.
-//! - [`bus`]: one resilient MQTT 5 connection per process.
+//! - [`bus`]: one resilient MQTT 5 connection per process: its options, messages, publishing,
+//!   subscriptions, and the connection task (`bus/connection.rs`).
 //! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks, all
 //!   in one place.
 //! - [`request`]: the client side of request/response.
