@@ -388,18 +388,22 @@ fn readme_service_example_runs() {
     assert!(out.contains(r#""data":{"greeting":"hello, pi"}"#), "{out}");
     assert!(out.contains(r#""instance":"greeter-1""#), "{out}");
     // Its version is its own crate's (examples/greeter is 1.0.0; the runtime is not).
-    let (_, reg) = run_tool(
-        "mosquitto_sub",
-        &port,
-        &[
-            "-t",
-            "edge/system/discovery/greeter/greeter-1",
-            "-C",
-            "1",
-            "-W",
-            "5",
-        ],
-    );
+    let retained = || {
+        run_tool(
+            "mosquitto_sub",
+            &port,
+            &[
+                "-t",
+                "edge/system/discovery/greeter/greeter-1",
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ],
+        )
+        .1
+    };
+    let reg = retained();
     assert!(reg.contains(r#""version":"1.0.0""#), "{reg}");
     let ev = json_of(&events.next(T).expect("the greeted event"));
     assert_eq!(ev["type"], "greeter.greeted", "{ev}");
@@ -418,18 +422,7 @@ fn readme_service_example_runs() {
     // A will would arrive as soon as the broker saw the socket close; a fresh subscriber
     // (connected after the process is gone) still reads the stopped record.
     assert_exchange(&port, "after-greeter-exit");
-    let (_, now) = run_tool(
-        "mosquitto_sub",
-        &port,
-        &[
-            "-t",
-            "edge/system/discovery/greeter/greeter-1",
-            "-C",
-            "1",
-            "-W",
-            "5",
-        ],
-    );
+    let now = retained();
     assert!(now.contains(r#""reason":"stopped""#), "{now}");
     assert!(
         registration.next(Duration::from_millis(300)).is_none(),
