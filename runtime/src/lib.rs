@@ -5,7 +5,7 @@
 //! - [`config`]: the `[bus]` part of topics.toml, and the duration and size types it uses.
 //! - [`contract`]: the `[[service]]` part of topics.toml: endpoints, events, schemas.
 //! - [`policy`]: retry policies, circuit breakers and rate limits.
-//! - [`topic`]: validated topic names and filters, and the matching grammar.
+//! - [`topic`]: the topic grammar: what names and filters may hold, and matching.
 //! - [`wire`]: error codes, the reply body, request metadata.
 //! - [`tree`]: every topic of the bus, named once, as a function of the prefix.
 //! - [`records`]: the bus's own records (registration, heartbeat, health, discovery), typed.

@@ -13,11 +13,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use edgebus_runtime::bus::{random_u64, Bus, BusOptions, Message, PublishOptions};
+use edgebus_runtime::bus::{random_u64, Bus, BusOptions, PublishOptions};
+use edgebus_runtime::records::{DiscoveryUpdate, HealthAlert};
 use edgebus_runtime::request::{RequestError, RequestOptions};
 use edgebus_runtime::tree::Tree;
 use hdrhistogram::Histogram;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::bench::Spawned;
@@ -101,22 +101,20 @@ async fn trials_on(
     let t = tx.clone();
     let forward_updates = tokio::spawn(async move {
         while let Some(m) = updates.recv().await {
-            if let Some(s) = describe(&m, |v| format!("update {}", v["event"].as_str()?).into()) {
-                let _ = t.send(s);
+            if let Ok(u) = serde_json::from_slice::<DiscoveryUpdate>(&m.payload) {
+                let _ = t.send((
+                    u.instance,
+                    format!("update {}", u.event.as_str()),
+                    m.received,
+                ));
             }
         }
     });
     let forward_alerts = tokio::spawn(async move {
         while let Some(m) = alerts.recv().await {
-            let what = |v: &Value| {
-                Some(format!(
-                    "alert {}→{}",
-                    v["from"].as_str()?,
-                    v["to"].as_str()?
-                ))
-            };
-            if let Some(s) = describe(&m, what) {
-                let _ = tx.send(s);
+            if let Ok(a) = serde_json::from_slice::<HealthAlert>(&m.payload) {
+                let what = format!("alert {}→{}", a.from.as_str(), a.to.as_str());
+                let _ = tx.send((a.instance, what, m.received));
             }
         }
     });
@@ -271,11 +269,6 @@ async fn trials_on(
     forward_updates.abort();
     forward_alerts.abort();
     Ok(out)
-}
-
-fn describe(m: &Message, what: impl Fn(&Value) -> Option<String>) -> Option<Seen> {
-    let v: Value = serde_json::from_slice(&m.payload).ok()?;
-    Some((v["instance"].as_str()?.to_owned(), what(&v)?, m.received))
 }
 
 /// Waits (at most 10 s) for `what` about `instance`; keeps everything seen in `log`.
