@@ -177,26 +177,7 @@ impl ServiceBuilder {
         let erased = move |req: Request<Value>| -> BoxFuture<Result<Value, ServiceError>> {
             let handler = handler.clone();
             Box::pin(async move {
-                let Request {
-                    data,
-                    topic,
-                    correlation_id,
-                    deadline,
-                    user_properties,
-                    bus,
-                    events,
-                } = req;
-                let data: T = decode_payload(data).map_err(ServiceError::bad_request)?;
-                let out = handler(Request {
-                    data,
-                    topic,
-                    correlation_id,
-                    deadline,
-                    user_properties,
-                    bus,
-                    events,
-                })
-                .await?;
+                let out = handler(req.decode::<T>()?).await?;
                 serde_json::to_value(out)
                     .map_err(|e| ServiceError::internal(format!("reply cannot be encoded: {e}")))
             })

@@ -22,6 +22,22 @@ pub struct Request<T> {
     pub(super) events: Emitter,
 }
 
+impl Request<Value> {
+    /// The same request with its JSON decoded into the handler's type; a field that does not
+    /// fit is `BAD_REQUEST` naming it.
+    pub(super) fn decode<T: DeserializeOwned>(self) -> Result<Request<T>, ServiceError> {
+        Ok(Request {
+            data: decode_payload(self.data).map_err(ServiceError::bad_request)?,
+            topic: self.topic,
+            correlation_id: self.correlation_id,
+            deadline: self.deadline,
+            user_properties: self.user_properties,
+            bus: self.bus,
+            events: self.events,
+        })
+    }
+}
+
 impl<T> Request<T> {
     /// Publishes one of the service's declared events, carrying this request's
     /// correlation id.
