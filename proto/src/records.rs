@@ -9,6 +9,7 @@
 //! summary and alert, discovery update, lag report, dead letter.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +166,48 @@ pub struct Departure {
 pub const REASON_STOPPED: &str = "stopped";
 /// The reason of the Last Will's offline record.
 pub const REASON_CONNECTION_LOST: &str = "connection lost";
+
+/// Who an instance is. `incarnation` is new at every process start and never goes back, so
+/// a reader can tell a restarted instance from the one before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Service name.
+    pub service: String,
+    /// Instance id (the MQTT client id).
+    pub instance: String,
+    /// Start time in Unix epoch milliseconds, made strictly increasing within the process.
+    pub incarnation: u64,
+}
+
+static LAST_INCARNATION: AtomicU64 = AtomicU64::new(0);
+
+impl Identity {
+    /// A new identity with a fresh incarnation.
+    pub fn new(service: &str, instance: &str) -> Identity {
+        let now = crate::wire::now_ms();
+        let prev = LAST_INCARNATION.fetch_max(now, Ordering::SeqCst);
+        let incarnation = if now > prev {
+            now
+        } else {
+            LAST_INCARNATION.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        Identity {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            incarnation,
+        }
+    }
+
+    /// The offline record with `reason` ([`REASON_STOPPED`], [`REASON_CONNECTION_LOST`]).
+    pub fn offline(&self, reason: &str) -> Registration {
+        Registration::Offline(Departure {
+            service: self.service.clone(),
+            instance: self.instance.clone(),
+            incarnation: self.incarnation,
+            reason: reason.to_owned(),
+        })
+    }
+}
 
 /// A heartbeat, `P/health/heartbeat/{service}/{instance}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

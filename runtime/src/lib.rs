@@ -13,6 +13,8 @@
 //! The client:
 //! - [`app`]: a service as a program: options from the environment, the stop signal, and
 //!   [`service::ServiceBuilder::run`], an instance's whole life in one call.
+//! - [`env`]: where a service connects, from `EDGEBUS_CONFIG`, `EDGEBUS_BROKER` and
+//!   `EDGEBUS_INSTANCE`; [`env::load_contract`] reads topics.toml's `[[service]]` contracts.
 //! - [`bus`]: one resilient MQTT 5 connection per process: its options, messages, publishing,
 //!   subscriptions, and the connection task (`bus/connection.rs`).
 //! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks, all
@@ -36,6 +38,7 @@ pub use edgebus_proto as proto;
 
 pub mod app;
 pub mod bus;
+pub mod env;
 pub mod events;
 pub mod logging;
 pub mod metrics;
@@ -45,6 +48,8 @@ pub mod saga;
 pub mod service;
 pub mod stats;
 pub mod systemd;
+
+pub use env::load_contract;
 
 /// Installs the log output a service needs, once, at the start of `main`: journald with
 /// fields under systemd, timestamped lines otherwise, at `info` unless `EDGEBUS_LOG` (or

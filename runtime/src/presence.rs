@@ -9,85 +9,19 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use edgebus_proto::records::{
-    Birth, Departure, EndpointRecord, Registration, REASON_CONNECTION_LOST, REASON_STOPPED,
+    Birth, EndpointRecord, Heartbeat, Identity, Lost, Registration, REASON_STOPPED,
 };
 use edgebus_proto::tree::Tree;
-
-use crate::bus::{Bus, BusError, PublishOptions, Will};
-use crate::service::ServiceInner;
-use crate::stats::EndpointSnapshot;
-use crate::wire::{now_ms, timestamp};
-use edgebus_proto::records::{Heartbeat, Lost};
 use tokio::task::JoinHandle;
 
-/// Who an instance is. `incarnation` is new at every process start and never goes back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// Service name.
-    pub service: String,
-    /// Instance id (the MQTT client id).
-    pub instance: String,
-    /// Start time in Unix epoch milliseconds, made strictly increasing within the process.
-    pub incarnation: u64,
-}
-
-static LAST_INCARNATION: AtomicU64 = AtomicU64::new(0);
-
-impl Identity {
-    /// A new identity with a fresh incarnation.
-    pub fn new(service: &str, instance: &str) -> Identity {
-        let now = now_ms();
-        let prev = LAST_INCARNATION.fetch_max(now, Ordering::SeqCst);
-        let incarnation = if now > prev {
-            now
-        } else {
-            LAST_INCARNATION.fetch_add(1, Ordering::SeqCst) + 1
-        };
-        Identity {
-            service: service.to_owned(),
-            instance: instance.to_owned(),
-            incarnation,
-        }
-    }
-
-    /// `P/system/discovery/{service}/{instance}`.
-    pub fn registration_topic(&self, prefix: &str) -> String {
-        Tree::new(prefix).registration(&self.service, &self.instance)
-    }
-
-    /// `P/health/heartbeat/{service}/{instance}`.
-    pub fn heartbeat_topic(&self, prefix: &str) -> String {
-        Tree::new(prefix).heartbeat(&self.service, &self.instance)
-    }
-
-    /// The offline record with `reason`.
-    pub fn offline(&self, reason: &str) -> Registration {
-        Registration::Offline(Departure {
-            service: self.service.clone(),
-            instance: self.instance.clone(),
-            incarnation: self.incarnation,
-            reason: reason.to_owned(),
-        })
-    }
-
-    /// The Last Will: the offline record, retained, QoS 1.
-    pub fn will(&self, prefix: &str) -> Will {
-        Will {
-            topic: self.registration_topic(prefix),
-            payload: Bytes::from(
-                serde_json::to_vec(&self.offline(REASON_CONNECTION_LOST)).unwrap_or_default(),
-            ),
-            qos: 1,
-            retain: true,
-        }
-    }
-}
+use crate::bus::{Bus, BusError, PublishOptions};
+use crate::stats::EndpointSnapshot;
+use crate::wire::timestamp;
 
 /// What a health check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,16 +93,25 @@ impl Checks {
 /// The registration and heartbeat side of a running service.
 pub(crate) struct Presence {
     pub(crate) identity: Identity,
-    pub(crate) prefix: String,
-    pub(crate) birth: Mutex<Registration>,
-    pub(crate) stopping: AtomicBool,
+    /// `P/system/discovery/{service}/{instance}`.
+    registration: String,
+    /// `P/health/heartbeat/{service}/{instance}`.
+    heartbeat: String,
+    birth: Mutex<Registration>,
+    stopping: AtomicBool,
 }
+
+/// What a heartbeat reports of the service it belongs to: its uptime and its endpoints'
+/// figures summed. `None` once the service is gone.
+pub(crate) type Figures = Box<dyn Fn() -> Option<(Duration, EndpointSnapshot)> + Send + Sync>;
 
 impl Presence {
     pub(crate) fn new(identity: Identity, prefix: &str, birth: Registration) -> Presence {
+        let tree = Tree::new(prefix);
         Presence {
+            registration: tree.registration(&identity.service, &identity.instance),
+            heartbeat: tree.heartbeat(&identity.service, &identity.instance),
             identity,
-            prefix: prefix.to_owned(),
             birth: Mutex::new(birth),
             stopping: AtomicBool::new(false),
         }
@@ -180,14 +123,13 @@ impl Presence {
             return;
         }
         let birth = self.birth.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let topic = self.identity.registration_topic(&self.prefix);
         let payload = serde_json::to_vec(&birth).unwrap_or_default();
         let opts = PublishOptions {
             qos: 1,
             retain: true,
             properties: None,
         };
-        if let Err(e) = bus.try_publish(&topic, payload, opts) {
+        if let Err(e) = bus.try_publish(&self.registration, payload, opts) {
             tracing::warn!(error = %e, "registration not published");
         }
     }
@@ -195,14 +137,17 @@ impl Presence {
     /// Publishes the offline record of a clean stop.
     pub(crate) async fn publish_stopped(&self, bus: &Bus) {
         self.stopping.store(true, Ordering::Relaxed);
-        let topic = self.identity.registration_topic(&self.prefix);
         let opts = PublishOptions {
             qos: 1,
             retain: true,
             properties: None,
         };
         let _ = bus
-            .publish_json(&topic, &self.identity.offline(REASON_STOPPED), opts)
+            .publish_json(
+                &self.registration,
+                &self.identity.offline(REASON_STOPPED),
+                opts,
+            )
             .await;
     }
 }
@@ -253,13 +198,12 @@ fn hostname() -> String {
 /// overwrites it while the instance lives, and publishes heartbeats.
 pub(crate) async fn start_presence(
     presence: Arc<Presence>,
-    inner: &Arc<ServiceInner>,
+    figures: Figures,
     bus: &Bus,
     every: Duration,
     checks: Checks,
 ) -> Result<JoinHandle<()>, BusError> {
-    let topic = presence.identity.registration_topic(bus.prefix());
-    let mut own = bus.subscribe(&topic, 1).await?;
+    let mut own = bus.subscribe(&presence.registration, 1).await?;
     let hook_presence = presence.clone();
     bus.on_connect(move |bus| hook_presence.publish_birth(bus));
     let watch_presence = presence.clone();
@@ -283,20 +227,20 @@ pub(crate) async fn start_presence(
             }
         }
     });
-    let weak = Arc::downgrade(inner);
     let bus = bus.clone();
     Ok(tokio::spawn(async move {
         let _watcher = AbortOnDrop(watcher);
         if every.is_zero() {
             return std::future::pending().await;
         }
-        let hb_topic = presence.identity.heartbeat_topic(bus.prefix());
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         loop {
             tick.tick().await;
-            let Some(inner) = weak.upgrade() else { return };
+            let Some((uptime, stats)) = figures() else {
+                return;
+            };
             if !bus.is_connected() {
                 continue;
             }
@@ -311,9 +255,9 @@ pub(crate) async fn start_presence(
                 seq,
                 status,
                 interval_ms: every.as_millis() as u64,
-                uptime_s: (inner.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                uptime_s: (uptime.as_secs_f64() * 10.0).round() / 10.0,
                 checks: results,
-                stats: EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot())),
+                stats,
                 lost: (bs.skipped_at_broker + bs.dropped_incoming > 0).then_some(Lost {
                     at_broker: bs.skipped_at_broker,
                     in_buffers: bs.dropped_incoming,
@@ -325,9 +269,8 @@ pub(crate) async fn start_presence(
                         .collect()
                 }),
             };
-            drop(inner);
             let _ = bus
-                .publish_json(&hb_topic, &beat, PublishOptions::qos(0))
+                .publish_json(&presence.heartbeat, &beat, PublishOptions::qos(0))
                 .await;
         }
     }))

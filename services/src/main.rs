@@ -538,7 +538,7 @@ fn run_up(args: BrokerArgs) -> anyhow::Result<()> {
         for name in parts {
             // One instance of each part per host: a stable id keeps one row per part in
             // the registry and the health view across restarts.
-            let instance = edgebus_runtime::app::host_instance(&name);
+            let instance = edgebus_runtime::env::host_instance(&name);
             let options =
                 run::service_options(&file, Some(&addr.to_string()), &name, Some(instance));
             let file = file.clone();

@@ -1,6 +1,8 @@
 //! How a bus connects: its options, and its Last Will.
 
 use super::*;
+use edgebus_proto::records::{Identity, REASON_CONNECTION_LOST};
+use edgebus_proto::tree::Tree;
 
 /// How a [`Bus`] connects. Its `Debug` never shows the password.
 #[derive(Clone)]
@@ -42,7 +44,7 @@ pub struct BusOptions {
     /// Last Will, published by the broker when this connection dies.
     pub will: Option<Will>,
     /// Who this connection is, when it is a service instance (registration and heartbeats).
-    pub presence: Option<crate::presence::Identity>,
+    pub presence: Option<Identity>,
     /// Listen for the edgebus broker's lag reports (`{prefix}/system/broker/lag`): messages
     /// the broker dropped for this client (it took nothing for the broker's
     /// `slow_subscriber_timeout`, or its offline queue was full) are then counted, logged,
@@ -115,6 +117,35 @@ impl BusOptions {
             presence: None,
             watch_lag: false,
         }
+    }
+
+    /// Options for one instance of `service`: the client id is the instance id (made up when
+    /// `None`), replies come back on `{prefix}/system/reply/{instance}`, and the Last Will
+    /// is the instance's offline record (`connection lost`), retained.
+    pub fn for_service(
+        broker: impl Into<String>,
+        prefix: impl Into<String>,
+        service: &str,
+        instance: Option<String>,
+    ) -> BusOptions {
+        let prefix = prefix.into();
+        let instance =
+            instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
+        let tree = Tree::new(&prefix);
+        let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
+        o.reply_topic = Some(tree.reply(&instance));
+        let identity = Identity::new(service, &instance);
+        o.will = Some(Will {
+            topic: tree.registration(service, &instance),
+            payload: Bytes::from(
+                serde_json::to_vec(&identity.offline(REASON_CONNECTION_LOST)).unwrap_or_default(),
+            ),
+            qos: 1,
+            retain: true,
+        });
+        o.presence = Some(identity);
+        o.watch_lag = true;
+        o
     }
 
     /// Sets the topic prefix.

@@ -28,35 +28,6 @@ macro_rules! service {
     };
 }
 
-impl BusOptions {
-    /// Options for one instance of `service`: the client id is the instance id (made up when
-    /// `None`), and replies come back on `{prefix}/system/reply/{instance}`.
-    pub fn for_service(
-        broker: impl Into<String>,
-        prefix: impl Into<String>,
-        service: &str,
-        instance: Option<String>,
-    ) -> BusOptions {
-        let prefix = prefix.into();
-        let instance =
-            instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
-        let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
-        o.reply_topic = Some(edgebus_proto::tree::Tree::new(&prefix).reply(&instance));
-        let identity = crate::presence::Identity::new(service, &instance);
-        o.will = Some(identity.will(&prefix));
-        o.presence = Some(identity);
-        o.watch_lag = true;
-        o
-    }
-
-    /// Options for an instance of `service` from the environment: `EDGEBUS_BROKER`,
-    /// `EDGEBUS_INSTANCE`, and `[bus]` of the topics.toml `EDGEBUS_CONFIG` names (see
-    /// [`crate::app::Environment`]).
-    pub fn from_env(service: &str) -> Result<BusOptions, StartError> {
-        Ok(crate::app::Environment::load()?.bus_options(service))
-    }
-}
-
 impl ServiceBuilder {
     /// A service called `name` (the second topic level).
     pub fn new(name: impl Into<String>) -> ServiceBuilder {
@@ -338,7 +309,13 @@ impl ServiceBuilder {
             serving.push(tokio::spawn(serve(ctx, sub, stopping.clone())));
         }
         if let Some(p) = &presence {
-            tasks.push(start_presence(p.clone(), &inner, bus, self.heartbeat, self.checks).await?);
+            let weak = Arc::downgrade(&inner);
+            let figures: Figures = Box::new(move || {
+                let inner = weak.upgrade()?;
+                let stats = EndpointSnapshot::total(inner.stats.values().map(|s| s.snapshot()));
+                Some((inner.started.elapsed(), stats))
+            });
+            tasks.push(start_presence(p.clone(), figures, bus, self.heartbeat, self.checks).await?);
         }
         tracing::info!(
             service = %inner.name,

@@ -33,11 +33,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{random_u64, Bus, BusError, BusOptions, Message, PublishOptions};
+use crate::bus::{random_u64, Bus, BusError, Message, PublishOptions};
 use crate::contract::{EndpointSpec, EventSpec, ServiceSpec};
-use crate::events::Emitter;
 use crate::policy::TokenBucket;
-use crate::presence::{birth_record, Check, Checks, Presence};
+use crate::presence::{birth_record, Check, Checks, Figures, Presence};
 use crate::stats::{EndpointSnapshot, EndpointStats};
 use crate::topic::check_topic;
 use crate::wire::{
@@ -46,12 +45,14 @@ use crate::wire::{
 use edgebus_proto::records::DeadLetter;
 
 mod builder;
+mod emit;
 mod endpoint;
 mod reply;
 mod request;
 
 use crate::presence::start_presence;
 pub use builder::ServiceBuilder;
+pub use emit::{Batcher, Emitter};
 use builder::SharedState;
 use endpoint::{serve, Dedupe, EndpointCtx};
 pub use reply::{dead_letter_body, reply_error, ReplyAddress};
@@ -88,13 +89,8 @@ pub enum StartError {
         known: String,
     },
     /// topics.toml (`EDGEBUS_CONFIG`) could not be read or is invalid.
-    #[error("{}: {message}", file.display())]
-    Config {
-        /// The file.
-        file: std::path::PathBuf,
-        /// What is wrong, with the line and key when known.
-        message: String,
-    },
+    #[error(transparent)]
+    Config(#[from] crate::env::ConfigError),
     /// Subscribing failed.
     #[error(transparent)]
     Bus(#[from] BusError),
