@@ -49,6 +49,7 @@ pub mod service;
 pub mod stats;
 pub mod systemd;
 
+pub use app::shutdown_signal;
 pub use env::load_contract;
 
 /// Installs the log output a service needs, once, at the start of `main`: journald with

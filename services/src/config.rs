@@ -8,10 +8,10 @@ use edgebus_runtime::config::BusConfig;
 use edgebus_runtime::contract::{self, ServiceSpec};
 use serde::Deserialize;
 
-use crate::discovery::DiscoveryConfig;
 use crate::examples::hostmetrics::HostmetricsConfig;
-use crate::health::HealthConfig;
-use crate::orchestrator::{OrchestratorConfig, SagaConfig};
+use crate::parts::discovery::DiscoveryConfig;
+use crate::parts::health::HealthConfig;
+use crate::parts::orchestrator::{OrchestratorConfig, SagaConfig};
 
 /// The whole of topics.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -205,11 +205,13 @@ impl TopicsFile {
             key: Some(e.path.clone()),
             message: e.message,
         })?;
-        crate::orchestrator::validate(&file.saga, &file.service).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: find_path(text, &e.path),
-            key: Some(e.path.clone()),
-            message: e.message,
+        crate::parts::orchestrator::validate(&file.saga, &file.service).map_err(|e| {
+            ConfigError {
+                file: path.to_owned(),
+                line: find_path(text, &e.path),
+                key: Some(e.path.clone()),
+                message: e.message,
+            }
         })?;
         for (i, name) in file.up.services.iter().enumerate() {
             if !crate::examples::BUILTIN.contains(&name.as_str()) {

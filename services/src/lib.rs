@@ -1,26 +1,21 @@
 //! edgebus-services: the parts of edgebus that run as processes, and the `edgebus` command line.
 //!
 //! # Layout
-//! - [`config`]: topics.toml, loaded and validated with located errors.
-//! - [`bench`]: the `edgebus bench` scenarios; [`detect`], its failure-detection scenario;
-//!   [`overload`], the ones that push a broker past what its subscribers take.
-//! - [`passwd`]: `edgebus passwd`.
+//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`]. [`cli::up`] runs the
+//!   whole bus in one process and can run in-process; [`cli::call`] is `edgebus call`,
+//!   [`cli::views`] `edgebus services` and `edgebus health`, [`cli::bench`] `edgebus bench`.
+//! - [`parts`]: the bus's own parts as services ([`parts::discovery`], [`parts::health`],
+//!   [`parts::orchestrator`]) and [`parts::run_service`], one part's life as a process.
 //! - [`examples`]: the built-in example services (`echo`, `hostmetrics`, `kv`).
-//! - [`discovery`], [`health`]: the registry and the health monitor, as services.
-//! - [`orchestrator`]: the sagas of topics.toml, run durably.
-//! - [`views`]: `edgebus services` and `edgebus health`.
-//! - [`run`]: running services and making calls from the command line.
+//! - [`config`]: topics.toml, loaded and validated with located errors.
+//! - [`bench`]: the benchmark scenarios, each returning a typed [`bench::Figure`].
 //! - [`ops`]: systemd readiness and watchdog, status lines, Prometheus metrics.
+//! - [`passwd`]: `edgebus passwd`.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
-pub mod detect;
-pub mod discovery;
 pub mod examples;
-pub mod health;
 pub mod ops;
-pub mod orchestrator;
-pub mod overload;
+pub mod parts;
 pub mod passwd;
-pub mod run;
-pub mod views;

@@ -52,8 +52,8 @@ mod request;
 
 use crate::presence::start_presence;
 pub use builder::ServiceBuilder;
-pub use emit::{Batcher, Emitter};
 use builder::SharedState;
+pub use emit::{Batcher, Emitter};
 use endpoint::{serve, Dedupe, EndpointCtx};
 pub use reply::{dead_letter_body, reply_error, ReplyAddress};
 pub use request::{decode_payload, Handler, Request};

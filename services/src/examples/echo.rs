@@ -13,10 +13,11 @@ use edgebus_runtime::service::{EventError, Request, Service, ServiceBuilder, Sta
 use edgebus_runtime::wire::ServiceError;
 use serde_json::Value;
 
-use crate::config::TopicsFile;
+use edgebus_runtime::contract::ServiceSpec;
 
 /// The service as built (endpoints, handlers), before it is bound to a bus.
-pub fn builder(file: &TopicsFile) -> ServiceBuilder {
+/// `contract` is topics.toml's `[[service]]` declarations.
+pub fn builder(contract: &[ServiceSpec]) -> ServiceBuilder {
     let mut spec = EndpointSpec::new("echo");
     spec.max_concurrency = 64;
     spec.description =
@@ -24,9 +25,9 @@ pub fn builder(file: &TopicsFile) -> ServiceBuilder {
     let mut builder = edgebus_runtime::service!("echo")
         .description("answers every request with its own data")
         .capability("echo")
-        .contract(&file.service);
+        .contract(contract);
     // A contract that declares echo without the event keeps it off (`emit` is then refused).
-    let declared = file.service.iter().find(|s| s.name == "echo");
+    let declared = contract.iter().find(|s| s.name == "echo");
     if declared.map_or(true, |s| s.events.iter().any(|e| e.name == "said")) {
         let mut said = EventSpec::new("said");
         said.qos = 1;
@@ -36,8 +37,8 @@ pub fn builder(file: &TopicsFile) -> ServiceBuilder {
 }
 
 /// Starts `echo` on `bus`.
-pub async fn start(file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
-    builder(file).start(bus).await
+pub async fn start(contract: &[ServiceSpec], bus: &Bus) -> Result<Service, StartError> {
+    builder(contract).start(bus).await
 }
 
 async fn echo(req: Request<Value>) -> Result<Value, ServiceError> {

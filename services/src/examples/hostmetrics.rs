@@ -17,7 +17,7 @@ use edgebus_runtime::wire::ServiceError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::TopicsFile;
+use edgebus_runtime::contract::ServiceSpec;
 
 /// One reading.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -118,7 +118,8 @@ fn temperature() -> Option<f64> {
 }
 
 /// The service as built, before it is bound to a bus.
-pub fn builder(file: &TopicsFile, sampler: Arc<Mutex<Sampler>>) -> ServiceBuilder {
+/// `contract` is topics.toml's `[[service]]` declarations.
+pub fn builder(contract: &[ServiceSpec], sampler: Arc<Mutex<Sampler>>) -> ServiceBuilder {
     let mut read = EndpointSpec::new("read");
     read.description = "a fresh reading".into();
     let mut reading = EventSpec::new("reading");
@@ -126,7 +127,7 @@ pub fn builder(file: &TopicsFile, sampler: Arc<Mutex<Sampler>>) -> ServiceBuilde
     edgebus_runtime::service!("hostmetrics")
         .description("load, memory, CPU and temperature of this host")
         .capability("metrics")
-        .contract(&file.service)
+        .contract(contract)
         .endpoint_with(read, move |_req: Request<Value>| {
             let sampler = sampler.clone();
             async move {
@@ -142,10 +143,14 @@ pub fn builder(file: &TopicsFile, sampler: Arc<Mutex<Sampler>>) -> ServiceBuilde
 }
 
 /// Starts `hostmetrics` on `bus`, publishing a reading every `[hostmetrics] interval`.
-pub async fn start(file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
+pub async fn start(
+    contract: &[ServiceSpec],
+    config: &HostmetricsConfig,
+    bus: &Bus,
+) -> Result<Service, StartError> {
     let sampler = Arc::new(Mutex::new(Sampler::default()));
-    let service = builder(file, sampler.clone()).start(bus).await?;
-    let interval = file.hostmetrics.interval;
+    let service = builder(contract, sampler.clone()).start(bus).await?;
+    let interval = config.interval;
     let emitter = service.clone();
     service.spawn(async move {
         if interval.is_zero() {

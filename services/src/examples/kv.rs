@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
-use crate::config::TopicsFile;
+use edgebus_runtime::contract::ServiceSpec;
 
 /// Idempotency keys remembered.
 const REMEMBER: usize = 10_000;
@@ -112,11 +112,12 @@ struct Prefix {
 }
 
 /// The service as built, before it is bound to a bus.
-pub fn builder(file: &TopicsFile) -> ServiceBuilder {
+/// `contract` is topics.toml's `[[service]]` declarations.
+pub fn builder(contract: &[ServiceSpec]) -> ServiceBuilder {
     edgebus_runtime::service!("kv")
         .description("an in-memory key-value store with idempotent writes")
         .capability("kv")
-        .contract(&file.service)
+        .contract(contract)
         .with_state(Kv::default())
         .endpoint("put", put)
         .endpoint("get", get)
@@ -206,6 +207,6 @@ async fn stats(req: Request<Option<Prefix>>) -> Result<Value, ServiceError> {
 }
 
 /// Starts `kv` on `bus`.
-pub async fn start(file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
-    builder(file).start(bus).await
+pub async fn start(contract: &[ServiceSpec], bus: &Bus) -> Result<Service, StartError> {
+    builder(contract).start(bus).await
 }

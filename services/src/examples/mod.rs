@@ -13,17 +13,23 @@ pub mod kv;
 use edgebus_runtime::bus::Bus;
 use edgebus_runtime::service::{Service, StartError};
 
-use crate::config::TopicsFile;
+use edgebus_runtime::contract::ServiceSpec;
 
 /// Names of the built-in services.
 pub const BUILTIN: &[&str] = &["echo", "hostmetrics", "kv"];
 
-/// Starts the built-in service `name` on `bus`.
-pub async fn start(name: &str, file: &TopicsFile, bus: &Bus) -> Result<Service, StartError> {
+/// Starts the built-in service `name` on `bus`, with topics.toml's `[[service]]`
+/// declarations (`contract`) and its `[hostmetrics]` table.
+pub async fn start(
+    name: &str,
+    contract: &[ServiceSpec],
+    hostmetrics: &hostmetrics::HostmetricsConfig,
+    bus: &Bus,
+) -> Result<Service, StartError> {
     match name {
-        "echo" => echo::start(file, bus).await,
-        "hostmetrics" => hostmetrics::start(file, bus).await,
-        "kv" => kv::start(file, bus).await,
+        "echo" => echo::start(contract, bus).await,
+        "hostmetrics" => hostmetrics::start(contract, hostmetrics, bus).await,
+        "kv" => kv::start(contract, bus).await,
         other => Err(StartError::Unknown {
             name: other.to_owned(),
             known: format!("built-in: {}", BUILTIN.join(", ")),

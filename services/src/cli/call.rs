@@ -1,7 +1,5 @@
-//! Running services, and single calls, from the command line.
+//! `edgebus call`: one request from the command line, its reply printed.
 
-use std::future::Future;
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -12,109 +10,6 @@ use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::{timestamp, ReplyBody};
 
 use crate::config::TopicsFile;
-use crate::examples;
-use crate::ops::Hooks;
-
-/// Bus options for one instance of `service`, from topics.toml and an optional broker override.
-pub fn service_options(
-    file: &TopicsFile,
-    broker: Option<&str>,
-    service: &str,
-    instance: Option<String>,
-) -> BusOptions {
-    let broker = broker.unwrap_or(&file.bus.broker).to_owned();
-    let mut o = BusOptions::for_service(broker, file.bus.prefix.clone(), service, instance);
-    o.max_payload = file.broker.max_payload.0 as usize;
-    o
-}
-
-/// Runs the built-in service `name` until `stop` completes: connects (retrying with backoff
-/// while the broker is away), starts serving, prints `edgebus service NAME ready as INSTANCE`
-/// on stdout once its subscriptions are active (and runs `hooks`: metrics, systemd READY and
-/// watchdog), and stops cleanly.
-pub async fn run_service(
-    name: &str,
-    file: &TopicsFile,
-    options: BusOptions,
-    stop: impl Future<Output = ()>,
-    hooks: Hooks,
-) -> anyhow::Result<()> {
-    let bus = Bus::connect(options)?;
-    tokio::pin!(stop);
-    let service = tokio::select! {
-        s = start_part(name, file, &bus) => s?,
-        _ = &mut stop => { bus.close(Duration::from_secs(1)).await; return Ok(()) }
-    };
-    let ready = async {
-        loop {
-            if bus.sync(Duration::from_secs(2)).await {
-                return;
-            }
-        }
-    };
-    let mut supervisor = None;
-    let mut stopped = false;
-    tokio::select! {
-        _ = ready => {
-            println!("edgebus service {name} ready as {}", service.instance());
-            std::io::stdout().flush().ok();
-            tracing::info!(service = name, instance = service.instance(), "ready");
-            if let Some(m) = &hooks.metrics {
-                m.add_service(&service);
-            }
-            if hooks.systemd {
-                supervisor = Some(edgebus_runtime::systemd::service_supervisor(&service).ready());
-            }
-            if let Some(tx) = &hooks.ready {
-                let _ = tx.send(service.clone());
-            }
-        }
-        _ = &mut stop => stopped = true,
-    }
-    // A stop that came while connecting has completed already: awaiting it again would
-    // resume a finished future.
-    if !stopped {
-        stop.await;
-    }
-    tracing::info!(service = name, "stopping");
-    if let Some(s) = supervisor {
-        s.stopping(&format!(
-            "{name}: stopping; answering the requests already taken"
-        ));
-    }
-    service.stop(Duration::from_secs(2)).await;
-    bus.close(Duration::from_secs(1)).await;
-    Ok(())
-}
-
-/// Part names that run as services: the built-in examples, `discovery`, `health-monitor` and
-/// `orchestrator`.
-pub async fn start_part(
-    name: &str,
-    file: &TopicsFile,
-    bus: &Bus,
-) -> Result<edgebus_runtime::service::Service, edgebus_runtime::service::StartError> {
-    match name {
-        "discovery" => Ok(
-            crate::discovery::start(&file.bus.prefix, &file.discovery, bus)
-                .await?
-                .service,
-        ),
-        "health-monitor" => Ok(crate::health::start(&file.bus.prefix, &file.health, bus)
-            .await?
-            .service),
-        "orchestrator" => Ok(crate::orchestrator::start(
-            &file.bus.prefix,
-            &file.orchestrator,
-            &file.saga,
-            &file.service,
-            bus,
-        )
-        .await?
-        .service),
-        other => examples::start(other, file, bus).await,
-    }
-}
 
 /// The outcome of `edgebus call`: the reply body to print, and whether it succeeded.
 pub async fn call(

@@ -20,9 +20,10 @@ use edgebus_runtime::tree::Tree;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
-use crate::bench::Spawned;
-use crate::discovery::{self, DiscoveryConfig};
-use crate::health::{self, HealthConfig};
+use super::figure::Figure;
+use super::host::{signal, Spawned};
+use crate::parts::discovery::{self, DiscoveryConfig};
+use crate::parts::health::{self, HealthConfig};
 
 /// The figures of one detection run.
 #[derive(Debug, Clone)]
@@ -300,27 +301,14 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().max(1) as u64
 }
 
-/// Sends `sig` (`STOP`, `CONT`, …) to `pid` with kill(1).
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?
-        .success();
-    if !ok {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
-/// Formats `p50 / max` in milliseconds.
-pub fn p50_max_ms(h: &Histogram<u64>) -> String {
+/// `p50 / max` in milliseconds; the p50 is the headline.
+pub fn p50_max_ms(h: &Histogram<u64>) -> anyhow::Result<Figure> {
     if h.is_empty() {
-        return "n/a".into();
+        bail!("no trial completed");
     }
-    format!(
-        "{:.1} / {:.1}",
-        h.value_at_quantile(0.5) as f64 / 1000.0,
-        h.max() as f64 / 1000.0
-    )
+    let p50 = h.value_at_quantile(0.5) as f64 / 1000.0;
+    Ok(Figure::new(
+        p50,
+        format!("{p50:.1} / {:.1}", h.max() as f64 / 1000.0),
+    ))
 }

@@ -14,7 +14,9 @@ use rumqttc::QoS;
 use std::io::{BufRead, BufReader};
 use tokio::sync::mpsc;
 
-use crate::bench::{client, count_until, drive, rss, run_id, subscriber, Inbound};
+use super::figure::Figure;
+use super::host::{rss, signal, Spawned};
+use super::mqtt::{client, count_until, drive, run_id, subscriber, Inbound};
 
 /// `width` publishers send `total` messages between them, as fast as they can, to one
 /// wildcard subscriber.
@@ -25,7 +27,7 @@ pub async fn fan_in(
     total: usize,
     payload: usize,
     timeout: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Figure> {
     let run = run_id();
     let (_sub, mut rx, h) = subscriber(
         addr,
@@ -65,7 +67,8 @@ pub async fn fan_in(
         }
     }
     h.abort();
-    Ok(format!("{:.0} msg/s, {got}/{want}", got as f64 / secs))
+    let rate = got as f64 / secs;
+    Ok(Figure::new(rate, format!("{rate:.0} msg/s, {got}/{want}")).delivered(got, want))
 }
 
 /// One publisher sends `per` messages to `width` subscribers of one topic.
@@ -76,7 +79,7 @@ pub async fn fan_out(
     per: usize,
     payload: usize,
     timeout: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Figure> {
     let run = run_id();
     let topic = format!("bench/{run}/out");
     let mut subs = Vec::new();
@@ -111,15 +114,13 @@ pub async fn fan_out(
     drv.abort();
     let got = total.load(Ordering::Relaxed);
     let want = (per * width) as u64;
-    Ok(format!(
-        "{:.0} deliveries/s, {got}/{want}",
-        got as f64 / secs
-    ))
+    let rate = got as f64 / secs;
+    Ok(Figure::new(rate, format!("{rate:.0} deliveries/s, {got}/{want}")).delivered(got, want))
 }
 
 /// A `mosquitto_sub` process subscribed to `topic`, counting the messages it prints.
 struct Counted {
-    child: crate::bench::Spawned,
+    child: Spawned,
     count: Arc<AtomicU64>,
 }
 
@@ -133,7 +134,7 @@ fn counted_sub(addr: SocketAddr, topic: &str, qos: QoS) -> anyhow::Result<Counte
         .spawn()
         .context("starting mosquitto_sub (apt-get install mosquitto-clients)")?;
     let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let child = crate::bench::Spawned(child);
+    let child = Spawned(child);
     let count = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let n = count.clone();
@@ -152,21 +153,17 @@ fn counted_sub(addr: SocketAddr, topic: &str, qos: QoS) -> anyhow::Result<Counte
     Ok(Counted { child, count })
 }
 
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status();
-}
-
 /// One subscriber process SIGSTOPped while a fast one reads the same topic and one publisher
-/// sends `n` messages; then SIGCONT. Reports what each got, and how long the publisher took.
-pub async fn slow_subscriber(addr: SocketAddr, qos: QoS, n: usize) -> anyhow::Result<String> {
+/// sends `n` messages; then SIGCONT. Reports what each got, and how long the fast one took
+/// to get all (the headline: a broker that lets a stopped subscriber hold back the others
+/// shows here).
+pub async fn slow_subscriber(addr: SocketAddr, qos: QoS, n: usize) -> anyhow::Result<Figure> {
     let run = run_id();
     let topic = format!("bench/{run}/slow");
     let (_fast, mut rx, h) = subscriber(addr, format!("bench-{run}-fast"), &topic, qos).await?;
     let slow = counted_sub(addr, &topic, qos)?;
     let pid = slow.child.0.id();
-    signal(pid, "STOP");
+    signal(pid, "STOP")?;
     let (c, el) = client(format!("bench-{run}-src"), addr);
     let (tx, _rx) = mpsc::unbounded_channel();
     let drv = drive(el, tx);
@@ -190,7 +187,7 @@ pub async fn slow_subscriber(addr: SocketAddr, qos: QoS, n: usize) -> anyhow::Re
     }
     let (fast_got, fast_done) = fast.await?;
     let took = fast_done.duration_since(t0);
-    signal(pid, "CONT");
+    signal(pid, "CONT")?;
     // What the stopped one still gets once it runs again.
     let mut last = u64::MAX;
     loop {
@@ -203,15 +200,19 @@ pub async fn slow_subscriber(addr: SocketAddr, qos: QoS, n: usize) -> anyhow::Re
     }
     drv.abort();
     h.abort();
-    Ok(format!(
-        "fast {fast_got}/{n} in {:.1} s, stopped one {last}/{n}",
-        took.as_secs_f64()
-    ))
+    let secs = took.as_secs_f64();
+    let n = n as u64;
+    Ok(Figure::new(
+        secs,
+        format!("fast {fast_got}/{n} in {secs:.1} s, stopped one {last}/{n}"),
+    )
+    .delivered(fast_got + last, 2 * n))
 }
 
 /// `n` distinct filters subscribed and unsubscribed, 100 at a time; then a new subscription.
-/// Reports whether it was still granted, and the broker's memory before and after.
-pub async fn filter_churn(addr: SocketAddr, pid: u32, n: usize) -> anyhow::Result<String> {
+/// Reports whether it was still granted, and the broker's memory before and after (the
+/// headline: after).
+pub async fn filter_churn(addr: SocketAddr, pid: u32, n: usize) -> anyhow::Result<Figure> {
     let before = rss(pid)?;
     let run = run_id();
     let (c, el) = client(format!("bench-{run}-churn"), addr);
@@ -246,8 +247,12 @@ pub async fn filter_churn(addr: SocketAddr, pid: u32, n: usize) -> anyhow::Resul
     .is_ok();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss(pid)?;
-    Ok(format!(
-        "{before} → {after} KiB; {acks}/{n} SUBACKs; a new subscription after: {}",
-        if granted { "granted" } else { "REFUSED" }
-    ))
+    Ok(Figure::new(
+        after as f64,
+        format!(
+            "{before} → {after} KiB; {acks}/{n} SUBACKs; a new subscription after: {}",
+            if granted { "granted" } else { "REFUSED" }
+        ),
+    )
+    .delivered(acks as u64, n as u64))
 }
