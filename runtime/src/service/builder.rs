@@ -272,8 +272,6 @@ impl ServiceBuilder {
                 service: inner.clone(),
                 spec: e.clone(),
                 request_topic: format!("{base}/request"),
-                result_topic: format!("{base}/result"),
-                error_topic: format!("{base}/error"),
                 handler,
                 stats: inner.stats[&e.name].clone(),
                 max_request: self.max_request,
@@ -290,7 +288,15 @@ impl ServiceBuilder {
                     overflow_ctx.spec.max_concurrency
                 ));
                 let service = &overflow_ctx.service;
-                if let Err(e) = reply_error(&service.bus, &msg, &service.instance, err) {
+                let address = ReplyAddress::of_request(&msg);
+                let sent = address.reply(
+                    &service.bus,
+                    Some(&service.name),
+                    &service.instance,
+                    None,
+                    Some(err),
+                );
+                if let Err(e) = sent {
                     tracing::warn!(
                         endpoint = %overflow_ctx.spec.name,
                         error = %e,

@@ -7,8 +7,6 @@ pub(super) struct EndpointCtx {
     pub(super) service: Arc<ServiceInner>,
     pub(super) spec: EndpointSpec,
     pub(super) request_topic: String,
-    pub(super) result_topic: String,
-    pub(super) error_topic: String,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) stats: Arc<EndpointStats>,
     pub(super) max_request: usize,
@@ -116,18 +114,6 @@ impl Dedupe {
     }
 }
 
-/// Where and how a reply goes.
-#[derive(Debug, Default)]
-pub(super) struct ReplyTo {
-    /// MQTT 5 response topic, or `reply_to`.
-    topic: Option<String>,
-    correlation_data: Option<Bytes>,
-    correlation_id: Option<String>,
-    session_id: Option<String>,
-    request_id: String,
-    qos: u8,
-}
-
 /// Takes requests until `stopping`; then unsubscribes and serves what was already received.
 /// Returns once every request it took has been answered.
 pub(super) async fn serve(
@@ -160,33 +146,35 @@ pub(super) async fn serve(
     while running.join_next().await.is_some() {}
 }
 
+/// A request taken apart once: its data and metadata, or why it cannot be served.
+type Decoded = Result<(Value, RequestMeta), ErrorBody>;
+
 impl EndpointCtx {
-    /// Reads the reply address from the MQTT 5 properties (no payload parsing).
-    fn prepare(&self, msg: &Message) -> ReplyTo {
-        let correlation_data = msg.correlation_data().cloned();
-        let request_id = match &correlation_data {
-            Some(c) => match std::str::from_utf8(c) {
-                Ok(s) => s.to_owned(),
-                Err(_) => base64::engine::general_purpose::STANDARD.encode(c),
-            },
-            None => format!("{:016x}", random_u64()),
-        };
-        ReplyTo {
-            topic: msg.response_topic().map(str::to_owned),
-            correlation_data,
-            correlation_id: None,
-            session_id: None,
-            request_id,
-            qos: msg.qos.min(self.spec.qos),
+    /// Reads the request once: its size against the limit, its JSON and metadata, its reply
+    /// address.
+    fn decode(&self, msg: &Message, reply: &mut ReplyAddress) -> Decoded {
+        if msg.payload.len() > self.max_request {
+            return Err(ErrorBody::new(
+                code::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request of {} bytes exceeds this endpoint's limit of {} bytes",
+                    msg.payload.len(),
+                    self.max_request
+                ),
+            ));
         }
+        let (data, meta) = decode_request(&msg.payload).map_err(ServiceError::bad_request)?;
+        reply.apply(&meta)?;
+        Ok((data, meta))
     }
 
     async fn handle(&self, msg: Message) {
         let started = msg.received;
-        let mut reply = self.prepare(&msg);
+        let mut reply = ReplyAddress::from_properties(&msg, self.spec.qos);
+        let decoded = self.decode(&msg, &mut reply);
         let mut claimed = None;
         if let Some(dedupe) = &self.dedupe {
-            if let Some(correlation) = dedupe_correlation(&msg) {
+            if let Some(correlation) = dedupe_correlation(&msg, &decoded) {
                 let reply_topic = msg.response_topic().unwrap_or("").as_bytes();
                 loop {
                     let claim = {
@@ -224,7 +212,10 @@ impl EndpointCtx {
                 ),
             ))
         } else {
-            self.run(&msg, &mut reply).await
+            match decoded {
+                Ok((data, meta)) => self.run(&msg, data, meta, &reply.request_id).await,
+                Err(e) => Err(e),
+            }
         };
         let ok = result.is_ok();
         let cacheable = result.as_ref().map_or_else(|e| !e.retryable, |_| true);
@@ -246,7 +237,17 @@ impl EndpointCtx {
                 tracing::debug!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, took_us = started.elapsed().as_micros() as u64, "request served")
             }
         }
-        let encoded = Arc::new(self.encode(&reply, result));
+        let (data, error) = match result {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        let encoded = Arc::new(reply.encode(
+            Some(&self.service.name),
+            &self.service.instance,
+            data,
+            error,
+            self.service.bus.options().max_payload,
+        ));
         if let (Some((key, done)), Some(dedupe)) = (claimed, &self.dedupe) {
             lock(dedupe).finish(key, cacheable.then(|| encoded.clone()));
             drop(done);
@@ -259,37 +260,13 @@ impl EndpointCtx {
         self.stats.finish(started.elapsed(), ok);
     }
 
-    async fn run(&self, msg: &Message, reply: &mut ReplyTo) -> Result<Value, ServiceError> {
-        if msg.payload.len() > self.max_request {
-            return Err(ErrorBody::new(
-                code::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request of {} bytes exceeds this endpoint's limit of {} bytes",
-                    msg.payload.len(),
-                    self.max_request
-                ),
-            ));
-        }
-        let (data, meta) = decode_request(&msg.payload).map_err(ServiceError::bad_request)?;
-        if reply.topic.is_none() {
-            if let Some(to) = &meta.reply_to {
-                match check_topic(to) {
-                    Ok(()) if !to.starts_with('$') => reply.topic = Some(to.clone()),
-                    _ => {
-                        return Err(ServiceError::bad_request(format!(
-                            "field `reply_to`: `{to}` is not a topic name"
-                        )))
-                    }
-                }
-            }
-        }
-        reply.correlation_id = meta.correlation_id.clone();
-        reply.session_id = meta.session_id.clone();
-        if reply.correlation_data.is_none() {
-            if let Some(c) = meta.correlation_id.as_ref().or(meta.session_id.as_ref()) {
-                reply.request_id = c.clone();
-            }
-        }
+    async fn run(
+        &self,
+        msg: &Message,
+        data: Value,
+        meta: RequestMeta,
+        request_id: &str,
+    ) -> Result<Value, ServiceError> {
         // The earliest of: MQTT 5 expiry, the runtime's `deadline_ms` user property, and
         // `deadline_ms` in the JSON.
         let now_ms = now_ms();
@@ -355,71 +332,11 @@ impl EndpointCtx {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
-                tracing::error!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %reply.request_id, panic = %what, "handler panicked");
+                tracing::error!(service = %self.service.name, endpoint = %self.spec.name, correlation_id = %request_id, panic = %what, "handler panicked");
                 Err(ServiceError::internal(format!("handler panicked: {what}")))
             }
             Ok(Ok(r)) => r,
         }
-    }
-
-    fn encode(
-        &self,
-        reply: &ReplyTo,
-        result: Result<Value, ServiceError>,
-    ) -> (String, Bytes, PublishOptions) {
-        let (success, data, error) = match result {
-            Ok(v) => (true, Some(v), None),
-            Err(e) => (false, None, Some(e)),
-        };
-        let status = error
-            .as_ref()
-            .map_or_else(|| "ok".to_owned(), |e| e.code.clone());
-        let topic = match &reply.topic {
-            Some(t) => t.clone(),
-            None if success => self.result_topic.clone(),
-            None => self.error_topic.clone(),
-        };
-        let body = ReplyBody {
-            success,
-            data,
-            error,
-            request_id: reply.request_id.clone(),
-            correlation_id: reply.correlation_id.clone(),
-            session_id: reply.session_id.clone(),
-            service: Some(self.service.name.clone()),
-            instance: Some(self.service.instance.clone()),
-            timestamp: timestamp(),
-        };
-        let mut payload = serde_json::to_vec(&body).unwrap_or_default();
-        let limit = self.service.bus.options().max_payload;
-        if payload.len() + topic.len() + crate::bus::PACKET_OVERHEAD > limit {
-            let body = ReplyBody {
-                success: false,
-                data: None,
-                error: Some(ErrorBody::new(
-                    code::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "reply of {} bytes exceeds the limit of {limit} bytes",
-                        payload.len()
-                    ),
-                )),
-                ..body
-            };
-            payload = serde_json::to_vec(&body).unwrap_or_default();
-        }
-        let properties = PublishProperties {
-            payload_format_indicator: Some(1),
-            correlation_data: reply.correlation_data.clone(),
-            user_properties: vec![("status".into(), status)],
-            content_type: Some("application/json".into()),
-            ..Default::default()
-        };
-        let opts = PublishOptions {
-            qos: reply.qos,
-            retain: false,
-            properties: Some(properties),
-        };
-        (topic, Bytes::from(payload), opts)
     }
 
     async fn publish_reply(&self, encoded: &Encoded, correlation: &str) {
@@ -460,20 +377,15 @@ impl EndpointCtx {
 }
 
 /// What tells copies of one request apart: the MQTT 5 correlation data, or else the
-/// `correlation_id` (or `session_id`) of a JSON object payload. `None`: no correlation, so no
+/// `correlation_id` (or `session_id`) of the request's JSON. `None`: no correlation, so no
 /// duplicate detection.
-pub(super) fn dedupe_correlation(msg: &Message) -> Option<Bytes> {
+fn dedupe_correlation(msg: &Message, decoded: &Decoded) -> Option<Bytes> {
     if let Some(c) = msg.correlation_data() {
         return Some(c.clone());
     }
-    #[derive(serde::Deserialize)]
-    struct Ids {
-        correlation_id: Option<Value>,
-        session_id: Option<Value>,
-    }
-    let ids: Ids = serde_json::from_slice(&msg.payload).ok()?;
-    let id = ids.correlation_id.or(ids.session_id)?;
-    Some(Bytes::from(id.to_string()))
+    let (_, meta) = decoded.as_ref().ok()?;
+    let id = meta.correlation_id.as_ref().or(meta.session_id.as_ref())?;
+    Some(Bytes::from(id.clone()))
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

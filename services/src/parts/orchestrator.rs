@@ -22,9 +22,9 @@ use edgebus_runtime::saga::{
     template_paths, FileJournal, Journal, Observer, RetryPolicy, RunState, RunStatus, Saga, Step,
     StepStatus, Transition,
 };
-use edgebus_runtime::service::{reply_error, ReplyAddress, Service, StartError};
+use edgebus_runtime::service::{ReplyAddress, Service, StartError};
 use edgebus_runtime::tree::Tree;
-use edgebus_runtime::wire::{code, ErrorBody, RequestMeta};
+use edgebus_runtime::wire::{code, decode_request, ErrorBody};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -397,48 +397,38 @@ impl Ctx {
             .nth(levels + 1)
             .unwrap_or("")
             .to_owned();
-        let Some((saga, _)) = self.sagas.get(&name) else {
-            let _ = reply_error(
+        // Read once, as an endpoint reads a request: an empty payload is `{}`, and a
+        // `reply_to` that is not a topic name is refused.
+        let mut address = ReplyAddress::from_properties(&msg, 1);
+        let decoded = decode_request(&msg.payload)
+            .map_err(ErrorBody::bad_request)
+            .and_then(|(input, meta)| address.apply(&meta).map(|()| input));
+        let refuse = |e: ErrorBody| {
+            let _ = address.reply(
                 &self.bus,
-                &msg,
+                Some("orchestrator"),
                 &self.instance,
-                ErrorBody::not_found(format!("no saga `{name}` is declared")),
+                None,
+                Some(e),
             );
+        };
+        let Some((saga, _)) = self.sagas.get(&name) else {
+            refuse(ErrorBody::not_found(format!(
+                "no saga `{name}` is declared"
+            )));
             return;
         };
-        let mut input: Value = if msg.payload.iter().all(u8::is_ascii_whitespace) {
-            json!({})
-        } else {
-            match serde_json::from_slice(&msg.payload) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = reply_error(
-                        &self.bus,
-                        &msg,
-                        &self.instance,
-                        ErrorBody::bad_request(format!("malformed JSON: {e}")),
-                    );
-                    return;
-                }
-            }
-        };
-        let meta = match RequestMeta::take(&mut input) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = reply_error(&self.bus, &msg, &self.instance, ErrorBody::bad_request(e));
-                return;
-            }
+        let input = match decoded {
+            Ok(Value::Null) => json!({}),
+            Ok(input) => input,
+            Err(e) => return refuse(e),
         };
         let Ok(permit) = self.runs.clone().try_acquire_owned() else {
-            let _ = reply_error(
-                &self.bus,
-                &msg,
-                &self.instance,
-                ErrorBody::unavailable("too many saga runs at once; retry later"),
-            );
+            refuse(ErrorBody::unavailable(
+                "too many saga runs at once; retry later",
+            ));
             return;
         };
-        let address = ReplyAddress::of(&msg, &meta);
         let run_id = Saga::new_run_id();
         let start = saga.start_transition(
             run_id,
