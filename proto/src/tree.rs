@@ -88,15 +88,22 @@ impl Tree {
     }
 
     /// `P/system/discovery/+/+`: every registration, and also `update` and `list/request`
-    /// (see [`Tree::is_registration`]).
+    /// (see [`Tree::registration_of`]).
     pub fn all_registrations(&self) -> String {
         format!("{}/system/discovery/+/+", self.prefix)
     }
 
-    /// Whether `topic`, matched by [`Tree::all_registrations`], is a registration record
-    /// rather than discovery's own `update` or `list/request`.
-    pub fn is_registration(&self, topic: &str) -> bool {
-        topic != self.discovery_update() && !topic.starts_with(&self.discovery_list_base())
+    /// The service and instance of a registration record's topic; `None` for any other
+    /// topic, such as discovery's own `update` and `list/request`.
+    pub fn registration_of<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/system/discovery/")?;
+        let (service, instance) = rest.split_once('/')?;
+        if instance.contains('/') || topic.starts_with(&self.discovery_list_base()) {
+            return None;
+        }
+        Some((service, instance))
     }
 
     /// `P/system/discovery/update`.
@@ -186,9 +193,16 @@ mod tests {
         ));
         assert!(matches(&t.all_saga_requests(), &t.saga_request("order")));
         assert!(matches(&t.all_saga_runs(), &t.saga_run("order", "r1")));
-        assert!(t.is_registration(&t.registration("echo", "e-1")));
-        assert!(!t.is_registration(&t.discovery_update()));
-        assert!(!t.is_registration(&format!("{}/request", t.discovery_list())));
+        assert_eq!(
+            t.registration_of(&t.registration("echo", "e-1")),
+            Some(("echo", "e-1"))
+        );
+        assert_eq!(t.registration_of(&t.discovery_update()), None);
+        assert_eq!(
+            t.registration_of(&format!("{}/request", t.discovery_list())),
+            None
+        );
+        assert_eq!(t.registration_of(&t.heartbeat("echo", "e-1")), None);
         assert_eq!(t.service_of(&t.request("echo", "x")), Some("echo"));
         let deep = Tree::new("site/a");
         assert_eq!(deep.service_of(&deep.request("kv", "put")), Some("kv"));

@@ -211,7 +211,7 @@ pub async fn start(
     let (b, r, up) = (bus.clone(), registry.clone(), updates.clone());
     service.spawn(async move {
         while let Some(msg) = records.recv().await {
-            if !tree.is_registration(&msg.topic) {
+            if tree.registration_of(&msg.topic).is_none() {
                 continue;
             }
             apply(&b, &r, &up, &msg).await;
