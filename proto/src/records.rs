@@ -406,6 +406,16 @@ pub struct DiscoveryUpdate {
     pub at: String,
 }
 
+/// The reply of `P/system/discovery/list`: the instances that match the request's filters,
+/// sorted by service and instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryList {
+    /// How many.
+    pub count: usize,
+    /// Their registration records, online and offline.
+    pub instances: Vec<Registration>,
+}
+
 /// `P/system/broker/lag`: messages the broker dropped for one subscriber.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LagReport {

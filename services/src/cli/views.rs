@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use edgebus_runtime::bus::{random_u64, Bus, BusOptions};
-use edgebus_runtime::records::{HealthAlert, HealthStatus, Registration};
+use edgebus_runtime::records::{DiscoveryList, HealthAlert, HealthStatus, Registration};
 use edgebus_runtime::tree::Tree;
 use serde_json::Value;
 
@@ -91,9 +91,9 @@ pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> an
     ]
     .map(String::from)
     .to_vec()];
-    let list: Vec<Registration> = serde_json::from_value(data["instances"].clone())
-        .map_err(|e| anyhow!("discovery's list is unreadable: {e}"))?;
-    for r in &list {
+    let list: DiscoveryList =
+        serde_json::from_value(data).map_err(|e| anyhow!("discovery's list is unreadable: {e}"))?;
+    for r in &list.instances {
         let row = match r {
             Registration::Online(b) => vec![
                 b.service.clone(),
