@@ -94,6 +94,12 @@ impl RetryPolicy {
         }
     }
 
+    /// After attempt `attempt` failed with `error_code`: the delay before the next attempt,
+    /// or `None` when the policy gives up (attempts used up, or an error it does not retry).
+    pub fn retry_after(&self, attempt: u32, error_code: &str) -> Option<Duration> {
+        (attempt < self.max_attempts && self.retries_code(error_code)).then(|| self.delay(attempt))
+    }
+
     /// The delay before attempt `attempt + 1` (after `attempt` failed), with jitter.
     pub fn delay(&self, attempt: u32) -> Duration {
         let base = self.initial_delay.as_secs_f64()

@@ -266,16 +266,16 @@ impl Bus {
             if let Some(b) = circuit {
                 log_transition(name, b.record(!code.is_some_and(counts_as_failure)));
             }
-            let again = code.is_some_and(|c| retry.retries_code(c))
-                && attempt < retry.max_attempts
-                && !matches!(outcome, Err(RequestError::Bus(BusError::Closed)));
-            let delay = retry.delay(attempt);
-            if !again || Instant::now() + delay >= deadline {
+            let closed = matches!(outcome, Err(RequestError::Bus(BusError::Closed)));
+            let delay = code
+                .and_then(|c| retry.retry_after(attempt, c))
+                .filter(|d| !closed && Instant::now() + *d < deadline);
+            let Some(delay) = delay else {
                 if let Some(code) = code {
                     tracing::debug!(target = name, correlation_id = %guard.id, attempts = attempt, code = %code, "request failed");
                 }
                 return outcome;
-            }
+            };
             tracing::debug!(target = name, correlation_id = %guard.id, attempt, code = ?code, delay_ms = delay.as_millis() as u64, "retrying request");
             self.counters()
                 .request_retries
