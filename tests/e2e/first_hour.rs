@@ -52,10 +52,9 @@ fn up_with(dir: &TempDir, extra: &str, parts: usize) -> (Proc, String) {
         ),
     );
     let mut cmd = edgebus();
-    cmd.arg("up").arg("-c").arg(&cfg);
-    let proc = Proc::spawn(cmd);
-    let line = proc.expect_line("edgebus broker listening on", T);
-    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    cmd.arg("-c").arg(&cfg);
+    let (proc, addr) = start_up(cmd, false);
+    let addr = addr.to_string();
     for _ in 0..parts {
         proc.expect_line("edgebus service ", Duration::from_secs(10));
     }
@@ -77,10 +76,9 @@ fn up_without_config_runs_the_shipped_file() {
     cmd.current_dir(&dir.0)
         .env_remove("EDGEBUS_CONFIG")
         .env_remove("STATE_DIRECTORY")
-        .args(["up", "--listen", "127.0.0.1:0"]);
-    let proc = Proc::spawn(cmd);
-    let line = proc.expect_line("edgebus broker listening on", T);
-    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+        .args(["--listen", "127.0.0.1:0"]);
+    let (proc, addr) = start_up(cmd, false);
+    let addr = addr.to_string();
     let mut ready = Vec::new();
     for _ in 0..6 {
         let l = proc.expect_line("edgebus service ", Duration::from_secs(10));

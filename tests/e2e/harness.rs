@@ -384,6 +384,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `edgebus up` as `cmd` says: the process, and the broker's address once it listens; with
+/// `ready`, also once every part is ready (`all parts ready`).
+pub fn start_up(mut cmd: Command, ready: bool) -> (Proc, SocketAddr) {
+    cmd.arg("up");
+    let proc = Proc::spawn(cmd);
+    let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    if ready {
+        proc.expect_line("all parts ready", Duration::from_secs(15));
+    }
+    (proc, addr)
+}
+
+/// `edgebus ARGS… -c CFG --broker ADDR`, one of the bus's parts (`discovery`,
+/// `orchestrator`, `health monitor`), started and ready.
+pub fn part(args: &[&str], cfg: &Path, broker: SocketAddr) -> Proc {
+    let mut cmd = edgebus();
+    cmd.args(args)
+        .arg("-c")
+        .arg(cfg)
+        .args(["--broker", &broker.to_string()]);
+    let p = Proc::spawn(cmd);
+    p.expect_line("ready as", Duration::from_secs(10));
+    p
+}
+
 /// `edgebus service NAME --broker ADDR [ARGS…]`, started and ready (subscriptions active).
 pub struct Service {
     pub _proc: Proc,

@@ -3,7 +3,6 @@
 //! the broker restarted. Each asserts the exact updates and alerts seen on `edge/#` and the
 //! retained state a late subscriber sees.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,17 +17,6 @@ use crate::presence::{retained, up, Watch};
 const T: Duration = Duration::from_secs(10);
 
 /// `edgebus discovery` or `edgebus health monitor` (ARGS) against `broker`, ready.
-fn part(args: &[&str], cfg: &std::path::Path, broker: SocketAddr) -> Proc {
-    let mut cmd = edgebus();
-    cmd.args(args)
-        .arg("-c")
-        .arg(cfg)
-        .args(["--broker", &broker.to_string()]);
-    let p = Proc::spawn(cmd);
-    p.expect_line("ready as", T);
-    p
-}
-
 /// A request with `reply_to` (MQTT 3.1.1 style), and every reply that arrives within `quiet`
 /// of the last: a request must be answered exactly once.
 fn replies(port: &str, topic: &str, body: &str) -> Vec<serde_json::Value> {

@@ -14,7 +14,7 @@ use edgebus_runtime::systemd::{bus_probe, runtime_probe, Notifier, Supervisor};
 use edgebus_runtime::wire::ServiceError;
 use serde_json::Value;
 
-use crate::harness::{edgebus, free_port, rr, Broker, Proc, TempDir};
+use crate::harness::{edgebus, free_port, rr, start_up, Broker, Proc, TempDir};
 
 /// A datagram socket playing the service manager's part.
 struct Manager {
@@ -307,14 +307,10 @@ fn up_is_ready_once_every_part_is_and_serves_metrics() {
     );
     let m = Manager::new();
     let mut cmd = edgebus();
-    cmd.arg("up")
-        .arg("-c")
-        .arg(&cfg)
-        .args(["--metrics", "127.0.0.1:0"]);
+    cmd.arg("-c").arg(&cfg).args(["--metrics", "127.0.0.1:0"]);
     m.env(&mut cmd, Duration::from_secs(2));
-    let proc = Proc::spawn(cmd);
-    let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
-    let port = line.rsplit(':').next().unwrap_or_default().to_owned();
+    let (proc, addr) = start_up(cmd, false);
+    let port = addr.port().to_string();
     let line = proc.expect_line("edgebus metrics on http://", Duration::from_secs(10));
     let metrics: SocketAddr = line
         .trim_start_matches("edgebus metrics on http://")
@@ -429,28 +425,24 @@ fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
 
 #[test]
 fn journal_lines_carry_service_endpoint_and_correlation_id() {
-    let path = std::path::Path::new("/run/systemd/journal/socket");
-    // A socket file nobody listens on is left from an earlier run of this test: take it over.
-    let live = UnixDatagram::unbound().is_ok_and(|s| s.connect(path).is_ok());
-    if !live {
-        let _ = std::fs::remove_file(path);
-    }
-    if live || std::fs::create_dir_all("/run/systemd/journal").is_err() {
-        // A live journald owns the socket (or /run is not writable): query it instead.
-        return journal_via_journalctl();
-    }
-    let socket = UnixDatagram::bind(path).expect("bind the journal socket");
-    struct Unlink;
-    impl Drop for Unlink {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file("/run/systemd/journal/socket");
-        }
-    }
-    let _unlink = Unlink;
+    // The service runs in a mount namespace of its own, where /run is a fresh tmpfs and
+    // /run/systemd/journal is this test's directory: its journal socket is ours, and the
+    // host's /run/systemd/journal is never touched, whether a journald lives there or not.
+    let dir = TempDir::new("journal");
+    let socket = UnixDatagram::bind(dir.0.join("socket")).expect("bind a journal socket");
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let (_broker, _svc, id) = echo_request_logged_to_journal();
+    let private = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !private {
+        // No mount namespaces here (not root, or a sandbox forbids them): read what a live
+        // journald recorded instead.
+        return journal_via_journalctl();
+    }
+    let (_broker, _svc, id) = echo_request_logged_to_journal(Some(&dir.0));
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = vec![0u8; 65536];
     let mut seen = Vec::new();
@@ -483,7 +475,13 @@ fn journal_lines_carry_service_endpoint_and_correlation_id() {
 
 /// The same check against a live journald, read back with journalctl.
 fn journal_via_journalctl() {
-    let (_broker, _svc, id) = echo_request_logged_to_journal();
+    let live =
+        UnixDatagram::unbound().is_ok_and(|s| s.connect("/run/systemd/journal/socket").is_ok());
+    assert!(
+        live,
+        "this test needs mount namespaces (run as root) or a live journald to read back"
+    );
+    let (_broker, _svc, id) = echo_request_logged_to_journal(None);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = std::process::Command::new("journalctl")
@@ -507,12 +505,31 @@ fn journal_via_journalctl() {
 }
 
 /// A broker and an echo service logging to the journal at debug level, and one request sent to
-/// it with a fresh correlation id (returned; keep the broker and service while reading).
-fn echo_request_logged_to_journal() -> (Broker, Proc, String) {
+/// it with a fresh correlation id (returned; keep the broker and service while reading). With
+/// `journal_dir`, the service sees that directory as its /run/systemd/journal.
+fn echo_request_logged_to_journal(journal_dir: Option<&std::path::Path>) -> (Broker, Proc, String) {
     let broker = Broker::start();
-    let mut cmd = edgebus();
-    cmd.args(["service", "echo", "--broker", &broker.addr.to_string()])
-        .env("EDGEBUS_LOG_FORMAT", "journal")
+    let edgebus_args = ["service", "echo", "--broker", &broker.addr.to_string()];
+    let mut cmd = match journal_dir {
+        None => {
+            let mut c = edgebus();
+            c.args(edgebus_args);
+            c
+        }
+        Some(dir) => {
+            let mut c = std::process::Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(
+                    "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+                     mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+                )
+                .arg(dir)
+                .arg(env!("CARGO_BIN_EXE_edgebus"))
+                .args(edgebus_args);
+            c
+        }
+    };
+    cmd.env("EDGEBUS_LOG_FORMAT", "journal")
         .env("EDGEBUS_LOG", "debug,rumqttd=off,rumqttc=off");
     let svc = Proc::spawn(cmd).expect_ready();
     let id = format!(

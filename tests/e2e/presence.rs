@@ -16,21 +16,8 @@ pub fn up(dir: &TempDir, extra: &str) -> (Proc, std::net::SocketAddr) {
         &format!("[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n[up]\nservices = []\n{extra}"),
     );
     let mut cmd = edgebus();
-    cmd.arg("up").arg("-c").arg(&cfg);
-    let proc = Proc::spawn(cmd);
-    let line = proc.expect_line("edgebus broker listening on", T);
-    let addr = line
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("addr");
-    // Either may be ready first.
-    let mut ready = 0;
-    while ready < 2 {
-        proc.expect_line("edgebus service ", T);
-        ready += 1;
-    }
-    (proc, addr)
+    cmd.arg("-c").arg(&cfg);
+    start_up(cmd, true)
 }
 
 /// Updates and alerts about one instance, or every instance of one service.

@@ -236,11 +236,9 @@ fn readme_recipes_run_as_written() {
     let mut cmd = edgebus();
     cmd.current_dir(&dir.0)
         .env_remove("EDGEBUS_CONFIG")
-        .args(["up", "--listen", "127.0.0.1:0"]);
-    let up = Proc::spawn(cmd);
-    let line = up.expect_line("edgebus broker listening on", T);
-    let port = line.rsplit(':').next().expect("port").to_owned();
-    up.expect_line("all parts ready", Duration::from_secs(15));
+        .args(["--listen", "127.0.0.1:0"]);
+    let (_up, addr) = start_up(cmd, true);
+    let port = addr.port().to_string();
     let shell = Shell::new(&port);
 
     for block in &recipes {
@@ -352,12 +350,10 @@ fn readme_service_example_runs() {
         "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n[up]\nservices = []\n",
     );
     let mut cmd = edgebus();
-    cmd.arg("up").arg("-c").arg(&cfg);
-    let up = Proc::spawn(cmd);
-    let line = up.expect_line("edgebus broker listening on", T);
-    let addr = line.rsplit(' ').next().expect("addr").to_owned();
-    let port = addr.rsplit(':').next().expect("port").to_owned();
-    up.expect_line("all parts ready", T);
+    cmd.arg("-c").arg(&cfg);
+    let (_up, addr) = start_up(cmd, true);
+    let port = addr.port().to_string();
+    let addr = addr.to_string();
 
     let start = || {
         let mut c = Command::new(&exe);

@@ -1,7 +1,6 @@
 //! Sagas end to end: `edgebus orchestrator` and `edgebus service kv` / `echo` processes on an
 //! `edgebus broker`, driven by `mosquitto_rr` and rumqttc; effects checked in kv's own counts.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -95,17 +94,6 @@ compensate = "kv/delete"
     )
 }
 
-fn orchestrator(cfg: &Path, broker: SocketAddr) -> Proc {
-    let mut cmd = edgebus();
-    cmd.arg("orchestrator")
-        .arg("-c")
-        .arg(cfg)
-        .args(["--broker", &broker.to_string()]);
-    let p = Proc::spawn(cmd);
-    p.expect_line("ready as", T);
-    p
-}
-
 fn start_saga(port: &str, saga: &str, body: &str) -> Value {
     let topic = format!("edge/saga/{saga}/request");
     let (ok, out) = rr(
@@ -176,7 +164,7 @@ fn sagas_complete_compensate_in_reverse_time_out_and_report_failed_compensations
     let port = broker.port();
     let _kv = Service::start("kv", broker.addr, &["-c", &cfg.display().to_string()]);
     let _echo = Service::start("echo", broker.addr, &[]);
-    let _orch = orchestrator(&cfg, broker.addr);
+    let _orch = part(&["orchestrator"], &cfg, broker.addr);
 
     // Success, started with mosquitto_rr; the next step sees the earlier one's output.
     let r = start_saga(&port, "order", r#"{"order":"ok","qty":3}"#);
@@ -294,7 +282,7 @@ fn orchestrator_killed_mid_run_finishes_or_compensates_every_run_once() {
     let broker = Broker::start_with("");
     let port = broker.port();
     let _kv = Service::start("kv", broker.addr, &["-c", &cfg.display().to_string()]);
-    let orch = orchestrator(&cfg, broker.addr);
+    let orch = part(&["orchestrator"], &cfg, broker.addr);
     // Odd runs fail at their last step: their first two are undone.
     for n in (1..20).step_by(2) {
         kv_put(&port, &format!("crash/r{n}/c"));
@@ -328,7 +316,7 @@ fn orchestrator_killed_mid_run_finishes_or_compensates_every_run_once() {
         }
         tokio::time::sleep(kill_after).await;
         drop(orch);
-        let restarted = tokio::task::spawn_blocking(move || orchestrator(&cfg2, addr))
+        let restarted = tokio::task::spawn_blocking(move || part(&["orchestrator"], &cfg2, addr))
             .await
             .expect("restart");
         let mut out = Vec::new();
