@@ -175,7 +175,7 @@ fn proc_addr(a: SocketAddr) -> String {
 
 /// Logs refused connections at most once a second, with how many there were.
 #[derive(Default)]
-pub(crate) struct RefusalLog(std::sync::Mutex<crate::connection::Throttle>);
+pub(crate) struct RefusalLog(std::sync::Mutex<crate::peer::Throttle>);
 
 impl RefusalLog {
     /// Counts one refusal by `setting`, of a client from `ip`.

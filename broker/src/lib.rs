@@ -22,8 +22,11 @@
 //! - [`stats`]: counters and the retained stats record.
 //! - `listener`: accept loops (TCP, WebSocket); `ws`: MQTT over WebSocket.
 //! - `connection`: one client connection, up to CONNACK, and its end (Last Will, session).
-//! - `client`: a connected client: the packets it sends, routed in its task, and what its
-//!   session has for it.
+//! - `client`: a connected client: its loop (`client/mod.rs`), the packets it sends
+//!   (`client/inbound.rs`: PUBLISH routed in its task, SUBSCRIBE, UNSUBSCRIBE), and what its
+//!   session has for it (`client/outbound.rs`).
+//! - `peer`: what both share about a peer: its MQTT version and codec calls, why its
+//!   connection ended, and log helpers.
 //! - `router`: the subscription tree, retained messages, sessions and their queues.
 //! - `frame`: fixed-header parsing that runs before the codecs.
 //! - `strict`: the specification's rules the codecs do not check, on a frame's bytes.
@@ -38,6 +41,7 @@ pub mod config;
 mod connection;
 mod frame;
 mod listener;
+mod peer;
 mod router;
 mod sessions;
 pub mod stats;
@@ -145,8 +149,8 @@ impl Shared {
         bump(&self.stats.slow_subscriber);
         if target.count_drop(q.msg.topic_str()) == 1 {
             warn!(
-                client_id = %connection::clip(target.client_id()),
-                topic = %connection::clip(q.msg.topic_str()),
+                client_id = %peer::clip(target.client_id()),
+                topic = %peer::clip(q.msg.topic_str()),
                 reason = why,
                 "messages dropped for a subscriber"
             );
@@ -258,13 +262,13 @@ impl Broker {
                 .as_ref()
                 .filter(|_| !shared.config.stats_interval.is_zero())
             {
-                let topic = Bytes::from(format!("{topic}/stats"));
+                let topic = Bytes::from(edgebus_proto::tree::stats_under(topic));
                 let period = shared.config.stats_interval;
                 tracker.spawn(every(shared.clone(), period, move |s| {
                     publish_stats(s, &topic)
                 }));
             }
-            let lag = system_topic.map(|t| Bytes::from(format!("{t}/lag")));
+            let lag = system_topic.map(|t| Bytes::from(edgebus_proto::tree::lag_under(&t)));
             tracker.spawn(every(shared.clone(), second, move |s| {
                 report_lag(s, lag.as_ref())
             }));
@@ -356,8 +360,8 @@ fn report_lag(shared: &Shared, topic: Option<&Bytes>) {
             continue;
         }
         warn!(
-            client_id = %connection::clip(&client_id),
-            topic = %connection::clip(&filter),
+            client_id = %peer::clip(&client_id),
+            topic = %peer::clip(&filter),
             lost,
             reason = why,
             "messages dropped for a subscriber"

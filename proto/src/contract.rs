@@ -158,8 +158,13 @@ impl EndpointSpec {
     pub fn base_topic(&self, prefix: &str, service: &str) -> String {
         match &self.topic {
             Some(t) => t.trim_end_matches('/').to_owned(),
-            None => format!("{prefix}/{service}/{}", self.name),
+            None => crate::tree::Tree::new(prefix).endpoint_base(service, &self.name),
         }
+    }
+
+    /// The request topic: `{base}/request`.
+    pub fn request_topic(&self, prefix: &str, service: &str) -> String {
+        crate::tree::request_under(&self.base_topic(prefix, service))
     }
 }
 

@@ -142,12 +142,27 @@ impl Tree {
 
     /// `P/system/broker/stats`, retained.
     pub fn broker_stats(&self) -> String {
-        format!("{}/system/broker/stats", self.prefix)
+        stats_under(&self.broker())
     }
 
     /// `P/system/broker/lag`.
     pub fn broker_lag(&self) -> String {
-        format!("{}/system/broker/lag", self.prefix)
+        lag_under(&self.broker())
+    }
+
+    /// The request topic of `target`: `service/endpoint` is `P/service/endpoint/request`; a
+    /// topic that already ends in `/request` is taken as it is.
+    pub fn request_for(&self, target: &str) -> String {
+        if target.ends_with("/request") {
+            target.to_owned()
+        } else {
+            request_under(&format!("{}/{}", self.prefix, target.trim_matches('/')))
+        }
+    }
+
+    /// `P/system/discovery/list/request`: where a list request goes.
+    pub fn discovery_list_request(&self) -> String {
+        request_under(&self.discovery_list())
     }
 
     /// `P/saga/{name}/request`.
@@ -174,6 +189,31 @@ impl Tree {
     pub fn service_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
         topic.split('/').nth(self.levels())
     }
+}
+
+/// An endpoint's request topic under its base topic: `{base}/request`.
+pub fn request_under(base: &str) -> String {
+    format!("{base}/request")
+}
+
+/// Where a reply goes when its request named no reply topic: `{base}/result` on success,
+/// `{base}/error` on failure.
+pub fn reply_under(base: &str, success: bool) -> String {
+    if success {
+        format!("{base}/result")
+    } else {
+        format!("{base}/error")
+    }
+}
+
+/// The broker's stats record under its system topic: `{system}/stats`.
+pub fn stats_under(system: &str) -> String {
+    format!("{system}/stats")
+}
+
+/// The broker's lag reports under its system topic: `{system}/lag`.
+pub fn lag_under(system: &str) -> String {
+    format!("{system}/lag")
 }
 
 #[cfg(test)]

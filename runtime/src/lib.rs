@@ -17,14 +17,16 @@
 //!   `EDGEBUS_INSTANCE`; [`env::load_contract`] reads topics.toml's `[[service]]` contracts.
 //! - [`bus`]: one resilient MQTT 5 connection per process: its options, messages, publishing,
 //!   subscriptions, and the connection task (`bus/connection.rs`).
-//! - [`presence`]: registration (birth, will, clean stop), heartbeats, health checks, all
-//!   in one place.
+//! - [`presence`]: registration (birth, clean stop), heartbeats, health checks, all in one
+//!   place (the Last Will is set with the bus's options, [`bus::BusOptions::for_service`]).
 //! - [`request`]: the client side of request/response.
 //! - [`service`]: services: the builder (`service/builder.rs`), the request a handler sees
-//!   (`request.rs`), an endpoint's serving loop (`endpoint.rs`), and the one reply path
-//!   (`reply.rs`).
-//! - [`saga`]: sagas and pipelines: steps, retries, compensation, a durable journal.
-//! - [`events`]: event envelopes, typed event streams, batching.
+//!   (`request.rs`), an endpoint's serving loop (`endpoint.rs`), the one reply path
+//!   (`reply.rs`), and event publishing (`emit.rs`: one at a time, or batched).
+//! - [`saga`]: sagas and pipelines: a run's state and what it does next (`saga/state.rs`), the
+//!   executor with retries and compensation (`saga/run.rs`), a durable journal
+//!   (`saga/journal.rs`), input templates (`saga/template.rs`).
+//! - [`events`]: event envelopes and typed event streams.
 //! - [`stats`]: per-endpoint counters and latency percentiles.
 //! - [`systemd`]: readiness, status and a watchdog that pings only while the loops are healthy.
 //! - [`metrics`]: Prometheus text for a process's buses and services, and a tiny HTTP server.

@@ -174,7 +174,7 @@ pub(crate) fn birth_record(
             .iter()
             .map(|e| EndpointRecord {
                 name: e.name.clone(),
-                request_topic: format!("{}/request", e.base_topic(prefix, &spec.name)),
+                request_topic: e.request_topic(prefix, &spec.name),
             })
             .collect(),
         events: spec

@@ -116,11 +116,7 @@ impl Bus {
     /// The request topic of `target`: `service/endpoint` becomes
     /// `{prefix}/service/endpoint/request`; a topic ending in `/request` is used as is.
     pub fn request_topic(&self, target: &str) -> String {
-        if target.ends_with("/request") {
-            target.to_owned()
-        } else {
-            format!("{}/{}/request", self.prefix(), target.trim_matches('/'))
-        }
+        edgebus_proto::tree::Tree::new(self.prefix()).request_for(target)
     }
 
     /// Sends `payload` to `target` (`service/endpoint`) and returns the reply's data.

@@ -52,7 +52,7 @@ fn up_with(dir: &TempDir, extra: &str, parts: usize) -> (Proc, String) {
         ),
     );
     let mut cmd = edgebus();
-    cmd.arg("-c").arg(&cfg);
+    cmd.arg("up").arg("-c").arg(&cfg);
     let (proc, addr) = start_up(cmd, false);
     let addr = addr.to_string();
     for _ in 0..parts {
@@ -76,7 +76,7 @@ fn up_without_config_runs_the_shipped_file() {
     cmd.current_dir(&dir.0)
         .env_remove("EDGEBUS_CONFIG")
         .env_remove("STATE_DIRECTORY")
-        .args(["--listen", "127.0.0.1:0"]);
+        .args(["up", "--listen", "127.0.0.1:0"]);
     let (proc, addr) = start_up(cmd, false);
     let addr = addr.to_string();
     let mut ready = Vec::new();

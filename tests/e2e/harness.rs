@@ -384,10 +384,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `edgebus up` as `cmd` says: the process, and the broker's address once it listens; with
-/// `ready`, also once every part is ready (`all parts ready`).
-pub fn start_up(mut cmd: Command, ready: bool) -> (Proc, SocketAddr) {
-    cmd.arg("up");
+/// `edgebus up …` (`cmd`) started: the process, and the broker's address once it listens;
+/// with `ready`, also once every part is ready (`all parts ready`).
+pub fn start_up(cmd: Command, ready: bool) -> (Proc, SocketAddr) {
     let proc = Proc::spawn(cmd);
     let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
     let addr = line

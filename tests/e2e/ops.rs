@@ -307,7 +307,10 @@ fn up_is_ready_once_every_part_is_and_serves_metrics() {
     );
     let m = Manager::new();
     let mut cmd = edgebus();
-    cmd.arg("-c").arg(&cfg).args(["--metrics", "127.0.0.1:0"]);
+    cmd.arg("up")
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--metrics", "127.0.0.1:0"]);
     m.env(&mut cmd, Duration::from_secs(2));
     let (proc, addr) = start_up(cmd, false);
     let port = addr.port().to_string();

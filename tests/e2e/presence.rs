@@ -16,7 +16,7 @@ pub fn up(dir: &TempDir, extra: &str) -> (Proc, std::net::SocketAddr) {
         &format!("[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n[up]\nservices = []\n{extra}"),
     );
     let mut cmd = edgebus();
-    cmd.arg("-c").arg(&cfg);
+    cmd.arg("up").arg("-c").arg(&cfg);
     start_up(cmd, true)
 }
 

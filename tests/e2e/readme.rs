@@ -236,7 +236,7 @@ fn readme_recipes_run_as_written() {
     let mut cmd = edgebus();
     cmd.current_dir(&dir.0)
         .env_remove("EDGEBUS_CONFIG")
-        .args(["--listen", "127.0.0.1:0"]);
+        .args(["up", "--listen", "127.0.0.1:0"]);
     let (_up, addr) = start_up(cmd, true);
     let port = addr.port().to_string();
     let shell = Shell::new(&port);
@@ -350,7 +350,7 @@ fn readme_service_example_runs() {
         "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n[up]\nservices = []\n",
     );
     let mut cmd = edgebus();
-    cmd.arg("-c").arg(&cfg);
+    cmd.arg("up").arg("-c").arg(&cfg);
     let (_up, addr) = start_up(cmd, true);
     let port = addr.port().to_string();
     let addr = addr.to_string();

@@ -26,8 +26,9 @@ use crate::acl::{AclConfig, Principal};
 use crate::config::SharedStrategy;
 use message::Message;
 use retained::Retained;
+use session::SubOptions;
 use session::{Bounds, Queued, Session};
-use tree::{Hit, SubOptions, Tree};
+use tree::{Hit, Tree};
 
 /// The router of one broker.
 pub(crate) struct Router {

@@ -11,20 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use super::session::Session;
-
-/// How one subscription wants its messages (MQTT 5 subscription options; 3.1.1 uses QoS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct SubOptions {
-    /// The maximum QoS granted.
-    pub qos: u8,
-    /// Do not send the subscriber its own publishes [MQTT-3.8.3-3].
-    pub no_local: bool,
-    /// Keep the RETAIN flag as published [MQTT-3.3.1-12/13].
-    pub retain_as_published: bool,
-    /// The subscription identifier, if the SUBSCRIBE gave one.
-    pub id: Option<u32>,
-}
+use super::session::{Session, SubOptions};
 
 /// A subscriber as the tree holds it.
 #[derive(Clone)]

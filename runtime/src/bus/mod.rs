@@ -442,7 +442,7 @@ impl Bus {
         for s in services {
             for e in &s.endpoints {
                 if e.retry.is_some() || e.circuit.is_some() {
-                    let topic = format!("{}/request", e.base_topic(self.prefix(), &s.name));
+                    let topic = e.request_topic(self.prefix(), &s.name);
                     let known = read(&self.inner.policies).get(&topic).is_some_and(|p| {
                         p.retry == e.retry
                             && p.circuit.as_ref().map(|c| c.config()) == e.circuit.as_ref()

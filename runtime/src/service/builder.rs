@@ -271,7 +271,7 @@ impl ServiceBuilder {
             let ctx = Arc::new(EndpointCtx {
                 service: inner.clone(),
                 spec: e.clone(),
-                request_topic: format!("{base}/request"),
+                request_topic: edgebus_proto::tree::request_under(&base),
                 handler,
                 stats: inner.stats[&e.name].clone(),
                 max_request: self.max_request,

@@ -206,8 +206,7 @@ impl ReplyAddress {
     fn topic_for(&self, success: bool) -> String {
         match &self.topic {
             Some(t) => t.clone(),
-            None if success => format!("{}/result", self.base),
-            None => format!("{}/error", self.base),
+            None => edgebus_proto::tree::reply_under(&self.base, success),
         }
     }
 

@@ -63,7 +63,7 @@ pub async fn services(file: &TopicsFile, broker: Option<&str>, json: bool) -> an
     if !bus.sync(Duration::from_secs(5)).await {
         bail!("cannot reach the broker");
     }
-    let topic = format!("{}/request", Tree::new(&file.bus.prefix).discovery_list());
+    let topic = Tree::new(&file.bus.prefix).discovery_list_request();
     let r = bus
         .request_raw(
             &topic,

@@ -237,13 +237,14 @@ fn split_call(call: &str) -> Result<(&str, &str), String> {
 /// gives one.
 fn request_topic(prefix: &str, services: &[ServiceSpec], call: &str) -> String {
     let (svc, ep) = call.split_once('/').unwrap_or((call, ""));
-    let base = services
+    services
         .iter()
         .find(|s| s.name == svc)
         .and_then(|s| s.endpoints.iter().find(|e| e.name == ep))
-        .map(|e| e.base_topic(prefix, svc))
-        .unwrap_or_else(|| Tree::new(prefix).endpoint_base(svc, ep));
-    format!("{base}/request")
+        .map_or_else(
+            || Tree::new(prefix).request(svc, ep),
+            |e| e.request_topic(prefix, svc),
+        )
 }
 
 /// The runtime saga a `[[saga]]` describes.

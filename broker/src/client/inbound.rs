@@ -1,0 +1,344 @@
+//! What a connected client sends: PUBLISH (checked, rate-limited, authorized, and routed into
+//! its subscribers' queues in this task), SUBSCRIBE and UNSUBSCRIBE.
+
+use std::sync::Arc;
+
+use rumqttd::protocol::{
+    self, Packet, PubAck, PubAckReason, PubRec, PubRecReason, PublishProperties, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use tracing::warn;
+
+use super::Conn;
+use crate::peer::{clip, End, Version};
+use crate::router::message::Message;
+use crate::router::session::{Full, Queued, SubOptions};
+use crate::router::Filter;
+use crate::stats::bump;
+use crate::strict;
+
+impl Conn {
+    pub(super) fn on_publish(
+        &mut self,
+        publish: protocol::Publish,
+        props: Option<PublishProperties>,
+    ) -> Result<(), End> {
+        let qos = publish.qos() as u8;
+        let pkid = publish.pkid();
+        let alias = props.as_ref().and_then(|p| p.topic_alias);
+        let topic = if publish.topic.is_empty() {
+            match alias.and_then(|a| self.aliases_in.get(&a)) {
+                Some(t) => t.clone(),
+                None => {
+                    return Err(End::Protocol(
+                        "PUBLISH with an empty topic and no known alias (MQTT 5 §3.3.2.3.4)".into(),
+                    ))
+                }
+            }
+        } else {
+            if let Some(a) = alias {
+                if self.aliases_in.len() < 4096 || self.aliases_in.contains_key(&a) {
+                    self.aliases_in.insert(a, publish.topic.clone());
+                }
+            }
+            publish.topic.clone()
+        };
+        let topic_str = strict::topic_name(&topic)
+            .map_err(|why| End::Protocol(format!("invalid topic name: {why} [MQTT-3.3.2-1]")))?;
+        if topic_str.starts_with('$') {
+            let t = topic_str.to_owned();
+            return self.deny_publish(qos, pkid, &t, "topics starting with `$` are reserved");
+        }
+        if !self
+            .shared
+            .config
+            .acl
+            .can_publish(self.principal(), topic_str)
+        {
+            let t = topic_str.to_owned();
+            return self.deny_publish(qos, pkid, &t, "denied by ACL");
+        }
+        if !self.limits.admit(publish.payload.len()) {
+            let t = topic_str.to_owned();
+            return self.rate_limited(qos, pkid, &t);
+        }
+        let ack = match qos {
+            1 => Some(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            2 => Some(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            )),
+            _ => None,
+        };
+        // A QoS 2 PUBLISH sent again before its PUBREL was routed the first time.
+        if qos == 2 && !self.session.incoming_qos2(pkid) {
+            return match ack {
+                Some(a) => self.encode(a),
+                None => Ok(()),
+            };
+        }
+        bump(&self.shared.stats.messages_in);
+        let msg = Arc::new(Message::new(
+            topic,
+            publish.payload,
+            qos,
+            publish.retain,
+            props,
+            self.session.id(),
+            std::time::Instant::now(),
+        ));
+        self.shared.route(&msg, &mut self.pending);
+        self.pending_ack = ack;
+        self.try_route()
+    }
+
+    /// Queues what fits of the PUBLISH being routed without waiting; acknowledges it once
+    /// every delivery is queued. What does not fit is left for `route_pending`.
+    fn try_route(&mut self) -> Result<(), End> {
+        while let Some((target, q)) = self.pending.pop_front() {
+            if let Err(Full::Queue(q)) = target.push(q) {
+                self.pending.push_front((target, q));
+                return Ok(());
+            }
+        }
+        match self.pending_ack.take() {
+            Some(ack) => self.encode(ack),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops a publish over the connection's rate limit: counted, logged at most once a
+    /// second per connection, and refused with "quota exceeded" to an MQTT 5 client.
+    fn rate_limited(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), End> {
+        bump(&self.shared.stats.rate_limited);
+        if let Some(dropped) = self.limits.log.tick() {
+            warn!(
+                topic = %clip(topic),
+                dropped,
+                "client over its publish rate limit; messages dropped"
+            );
+        }
+        self.refuse_publish(
+            qos,
+            pkid,
+            PubAckReason::QuotaExceeded,
+            PubRecReason::QuotaExceeded,
+        )
+    }
+
+    fn deny_publish(&mut self, qos: u8, pkid: u16, topic: &str, why: &str) -> Result<(), End> {
+        bump(&self.shared.stats.denied_publish);
+        if let Some(more) = self.denied_log.tick() {
+            warn!(
+                topic = %clip(topic),
+                user = self.user.as_deref(),
+                reason = why,
+                refused_since_last_line = more,
+                "publish refused"
+            );
+        }
+        self.refuse_publish(
+            qos,
+            pkid,
+            PubAckReason::NotAuthorized,
+            PubRecReason::NotAuthorized,
+        )
+    }
+
+    /// Acknowledges a publish that is not forwarded: with `ack`/`rec` to an MQTT 5 client,
+    /// with success to a 3.1.1 one (it has no way to say no), so the client moves on. A
+    /// 3.1.1 client's PUBREL then finds no packet id and gets its PUBCOMP all the same.
+    fn refuse_publish(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        ack: PubAckReason,
+        rec: PubRecReason,
+    ) -> Result<(), End> {
+        let v5 = self.version == Version::V5;
+        match qos {
+            1 => self.encode(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: if v5 { ack } else { PubAckReason::Success },
+                },
+                None,
+            )),
+            2 => self.encode(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: if v5 { rec } else { PubRecReason::Success },
+                },
+                None,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn on_subscribe(
+        &mut self,
+        sub: protocol::Subscribe,
+        props: Option<protocol::SubscribeProperties>,
+    ) -> Result<(), End> {
+        let n = sub.filters.len();
+        let id = props.and_then(|p| p.id).map(|i| i as u32);
+        let mut codes = Vec::with_capacity(n);
+        let mut refused = 0;
+        // One log line per packet, however many filters it refuses.
+        let mut first_refused: Option<(String, &'static str)> = None;
+        let now = std::time::Instant::now();
+        for f in &sub.filters {
+            let Some(filter) = Filter::parse(&f.path) else {
+                codes.push(self.refused_code(SubscribeReasonCode::TopicFilterInvalid));
+                refused += 1;
+                first_refused
+                    .get_or_insert_with(|| (clip(&f.path).into_owned(), "bad shared subscription"));
+                continue;
+            };
+            if let Err((code, why)) = self.admit_filter(filter) {
+                bump(&self.shared.stats.denied_subscribe);
+                codes.push(self.refused_code(code));
+                refused += 1;
+                first_refused.get_or_insert_with(|| (clip(&f.path).into_owned(), why));
+                continue;
+            }
+            let granted = (f.qos as u8).min(2);
+            let options = SubOptions {
+                qos: granted,
+                no_local: f.nolocal,
+                retain_as_published: f.preserve_retain,
+                id,
+            };
+            let existed = self.shared.router.subscribe(&self.session, filter, options);
+            codes.push(SubscribeReasonCode::Success(f.qos));
+            // Retained messages: not to shared subscriptions (MQTT 5 §4.8.2), and as Retain
+            // Handling says: 0 always, 1 for a new subscription, 2 never [MQTT-3.3.1-9..11].
+            let send_retained = filter.share.is_none()
+                && match f.retain_forward_rule {
+                    protocol::RetainForwardRule::OnEverySubscribe => true,
+                    protocol::RetainForwardRule::OnNewSubscribe => !existed,
+                    protocol::RetainForwardRule::Never => false,
+                };
+            if send_retained {
+                for m in self.shared.router.retained_for(filter.filter, now) {
+                    if !self
+                        .shared
+                        .config
+                        .acl
+                        .can_read(self.principal(), m.topic_str())
+                    {
+                        continue;
+                    }
+                    let q = Queued {
+                        qos: m.qos.min(granted),
+                        retain: true,
+                        sub_ids: id.into_iter().collect(),
+                        share: None,
+                        msg: m,
+                    };
+                    if let Err(Full::Queue(q)) = self.session.push(q) {
+                        self.shared
+                            .drop_for(&self.session, &q, "queue full (retained messages)");
+                    }
+                }
+            }
+        }
+        self.shared.stats.filters.store(
+            self.shared.router.subscription_count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some((filter, why)) = first_refused {
+            warn!(
+                refused,
+                of = n,
+                first = %filter,
+                reason = why,
+                user = self.user.as_deref(),
+                "subscriptions refused"
+            );
+        }
+        self.encode(Packet::SubAck(
+            SubAck {
+                pkid: sub.pkid,
+                return_codes: codes,
+            },
+            None,
+        ))
+    }
+
+    fn refused_code(&self, code: SubscribeReasonCode) -> SubscribeReasonCode {
+        if self.version == Version::V5 {
+            code
+        } else {
+            SubscribeReasonCode::Failure
+        }
+    }
+
+    /// Checks one filter.
+    fn admit_filter(&self, f: Filter<'_>) -> Result<(), (SubscribeReasonCode, &'static str)> {
+        let invalid = SubscribeReasonCode::TopicFilterInvalid;
+        if let Some(group) = f.share {
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err((invalid, "bad shared subscription group name"));
+            }
+        }
+        if f.filter.starts_with('$') && f.share.is_some() {
+            return Err((invalid, "a shared subscription to `$` topics"));
+        }
+        if f.filter.starts_with('$') {
+            return Err((
+                SubscribeReasonCode::NotAuthorized,
+                "`$` topics are reserved (there is no $SYS tree; see the stats topic)",
+            ));
+        }
+        crate::acl::check_filter(f.filter).map_err(|why| (invalid, why))?;
+        if !self
+            .shared
+            .config
+            .acl
+            .can_subscribe(self.principal(), f.filter)
+        {
+            return Err((SubscribeReasonCode::NotAuthorized, "denied by ACL"));
+        }
+        if self.shared.router.subscription_count() >= self.shared.config.max_filters {
+            return Err((
+                SubscribeReasonCode::QuotaExceeded,
+                "max_filters subscriptions held (all clients together)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, unsub: protocol::Unsubscribe) -> Result<(), End> {
+        let reasons = unsub
+            .filters
+            .iter()
+            .map(|full| match Filter::parse(full) {
+                Some(f) if self.shared.router.unsubscribe(&self.session, f) => {
+                    UnsubAckReason::Success
+                }
+                _ => UnsubAckReason::NoSubscriptionExisted,
+            })
+            .collect();
+        self.shared.stats.filters.store(
+            self.shared.router.subscription_count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.encode(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsub.pkid,
+                reasons,
+            },
+            None,
+        ))
+    }
+}
