@@ -14,6 +14,11 @@ use crate::bus::{Bus, BusError, PublishOptions, TargetPolicy};
 use crate::policy::{counts_as_failure, Admission, CircuitState, RetryPolicy, Transition};
 use crate::wire::{code, now_ms, ErrorBody, ReplyBody};
 
+/// The user property naming the client that sent a request (its MQTT client id).
+pub const CALLER: &str = "caller";
+/// The user property naming the service that sent a request, when a service did.
+pub const CALLER_SERVICE: &str = "caller_service";
+
 /// How a request is sent.
 #[derive(Debug, Clone)]
 pub struct RequestOptions {
@@ -295,6 +300,11 @@ impl Bus {
     ) -> Result<(), RequestError> {
         let mut user_properties = options.user_properties.clone();
         user_properties.push(("deadline_ms".into(), deadline_ms.to_string()));
+        // Who is asking, as this client knows itself (see `service::Caller`).
+        user_properties.push((CALLER.into(), self.client_id().to_owned()));
+        if let Some(me) = &self.options().presence {
+            user_properties.push((CALLER_SERVICE.into(), me.service.clone()));
+        }
         let properties = PublishProperties {
             payload_format_indicator: Some(1),
             // Whole seconds, rounded up: the broker drops the request once it is stale.

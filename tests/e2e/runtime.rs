@@ -30,9 +30,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// A runtime client with its own reply topic, connected and synced.
 pub async fn client(addr: SocketAddr) -> Bus {
     let id = format!("test-{:08x}", random_u64() as u32);
-    let mut o = BusOptions::new(addr.to_string(), id.clone());
-    o.reply_topic = Some(format!("edge/system/reply/{id}"));
-    let bus = Bus::connect(o).expect("bus");
+    // Every bus has its reply topic, `edge/system/reply/{client id}`.
+    let bus = Bus::connect(BusOptions::new(addr.to_string(), id)).expect("bus");
     assert!(bus.sync(T).await, "client could not reach {addr}");
     bus
 }
@@ -335,6 +334,67 @@ fn panicking_and_failing_handlers_get_internal_error_and_serving_goes_on() {
                 .expect("serving goes on");
             assert_eq!(r["done"], n);
         }
+    });
+}
+
+/// A handler sees who called: the runtime's client id, and its service when a service calls;
+/// a mosquitto_rr caller says nothing, and the handler sees that too.
+#[test]
+fn a_handler_sees_who_called() {
+    let broker = Broker::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let server = Bus::connect(BusOptions::for_service(
+            broker.addr.to_string(),
+            "edge",
+            "whoami",
+            None,
+        ))
+        .expect("bus");
+        let _svc = ServiceBuilder::new("whoami")
+            .endpoint("ask", |req: Request<Value>| async move {
+                let c = req.caller();
+                Ok::<_, ServiceError>(json!({"client_id": c.client_id, "service": c.service}))
+            })
+            .start(&server)
+            .await
+            .expect("start");
+        assert!(server.sync(T).await);
+        let plain = client(broker.addr).await;
+        let r: Value = plain
+            .request("whoami/ask", &json!({}), T)
+            .await
+            .expect("reply");
+        assert_eq!(r, json!({"client_id": plain.client_id(), "service": null}));
+        let as_service = Bus::connect(BusOptions::for_service(
+            broker.addr.to_string(),
+            "edge",
+            "billing",
+            Some("billing-7".into()),
+        ))
+        .expect("bus");
+        assert!(as_service.sync(T).await);
+        let r: Value = as_service
+            .request("whoami/ask", &json!({}), T)
+            .await
+            .expect("reply");
+        assert_eq!(r, json!({"client_id": "billing-7", "service": "billing"}));
+        let (ok, out) = rr(
+            &broker.port(),
+            &[
+                "-t",
+                "edge/whoami/ask/request",
+                "-e",
+                "t/who",
+                "-m",
+                "{}",
+                "-W",
+                "3",
+            ],
+        );
+        assert!(ok, "{out}");
+        let reply: Value = serde_json::from_str(out.trim()).expect("reply");
+        assert_eq!(reply["data"], json!({"client_id": null, "service": null}));
     });
 }
 

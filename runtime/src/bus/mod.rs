@@ -33,6 +33,7 @@ use crate::topic::{check_filter, check_topic, matches};
 mod connection;
 mod message;
 mod options;
+mod policy;
 mod publish;
 mod subscribe;
 
@@ -40,6 +41,8 @@ pub use connection::ConnectFailure;
 use connection::{drive, forget};
 pub use message::*;
 pub use options::{BusOptions, Will};
+pub use policy::TargetPolicy;
+pub use subscribe::Subscriber;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -119,64 +122,6 @@ impl std::fmt::Debug for Bus {
             .field("client_id", &self.inner.options.client_id)
             .field("broker", &self.inner.options.broker)
             .finish()
-    }
-}
-
-/// A stream of messages from one subscription.
-#[derive(Debug)]
-pub struct Subscriber {
-    rx: mpsc::Receiver<Message>,
-    dropped: Arc<AtomicU64>,
-    filter: String,
-    id: u64,
-    bus: std::sync::Weak<Inner>,
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        if let Some(inner) = self.bus.upgrade() {
-            forget(&inner, &[self.id]);
-        }
-    }
-}
-
-impl Subscriber {
-    /// Stops the subscription: the broker sends no more (once no other subscriber on this
-    /// bus uses the same filter), and [`Subscriber::recv`] returns what is already buffered,
-    /// then `None`.
-    pub fn unsubscribe(&mut self) {
-        if let Some(inner) = self.bus.upgrade() {
-            forget(&inner, &[self.id]);
-        }
-        self.rx.close();
-    }
-
-    /// The next message; `None` once the bus is closed.
-    pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
-    }
-
-    /// The next message if one is buffered now.
-    pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
-    }
-
-    /// Messages lost because this subscriber fell more than its buffer behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// The filter subscribed to.
-    pub fn filter(&self) -> &str {
-        &self.filter
-    }
-
-    /// Polls for the next message (for `Stream` implementations).
-    pub fn poll_recv(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
     }
 }
 
@@ -414,60 +359,6 @@ impl Bus {
         &self.inner.counters
     }
 
-    /// Sets how requests to `target` (`service/endpoint` or a request topic) are retried and
-    /// whether a circuit breaker guards them; replaces an earlier policy and its breaker state.
-    pub fn set_policy(
-        &self,
-        target: &str,
-        retry: Option<crate::policy::RetryPolicy>,
-        circuit: Option<crate::policy::CircuitConfig>,
-    ) {
-        let topic = self.request_topic(target);
-        let name = topic
-            .strip_prefix(&format!("{}/", self.prefix()))
-            .unwrap_or(&topic)
-            .trim_end_matches("/request")
-            .to_owned();
-        let policy = TargetPolicy {
-            name,
-            retry,
-            circuit: circuit.map(crate::policy::CircuitBreaker::new),
-        };
-        write(&self.inner.policies).insert(topic, Arc::new(policy));
-    }
-
-    /// Sets the retry and circuit policies every endpoint of `services` declares (endpoints
-    /// that declare neither keep what they had).
-    pub fn apply_contract(&self, services: &[crate::contract::ServiceSpec]) {
-        for s in services {
-            for e in &s.endpoints {
-                if e.retry.is_some() || e.circuit.is_some() {
-                    let topic = e.request_topic(self.prefix(), &s.name);
-                    let known = read(&self.inner.policies).get(&topic).is_some_and(|p| {
-                        p.retry == e.retry
-                            && p.circuit.as_ref().map(|c| c.config()) == e.circuit.as_ref()
-                    });
-                    if !known {
-                        self.set_policy(&topic, e.retry.clone(), e.circuit.clone());
-                    }
-                }
-            }
-        }
-    }
-
-    /// The policy for requests on `topic`, if one was set.
-    pub fn policy(&self, topic: &str) -> Option<Arc<TargetPolicy>> {
-        read(&self.inner.policies).get(topic).cloned()
-    }
-
-    /// The state of every circuit breaker, by `service/endpoint`.
-    pub fn circuits(&self) -> std::collections::BTreeMap<String, crate::policy::CircuitSnapshot> {
-        read(&self.inner.policies)
-            .values()
-            .filter_map(|p| Some((p.name.clone(), p.circuit.as_ref()?.snapshot())))
-            .collect()
-    }
-
     /// Replies that matched no waiting request (late, after a timeout, or duplicated).
     pub fn unmatched_replies(&self) -> u64 {
         self.inner.unmatched_replies.load(Ordering::Relaxed)
@@ -543,17 +434,6 @@ pub struct LagEvent {
     pub lost: u64,
     /// When the broker noticed.
     pub at: String,
-}
-
-/// How requests to one target are retried and guarded; see [`Bus::set_policy`].
-#[derive(Debug)]
-pub struct TargetPolicy {
-    /// `service/endpoint`, for logs and stats.
-    pub name: String,
-    /// Retries; `None`: one attempt.
-    pub retry: Option<crate::policy::RetryPolicy>,
-    /// The circuit breaker, if any.
-    pub circuit: Option<crate::policy::CircuitBreaker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

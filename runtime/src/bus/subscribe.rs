@@ -2,6 +2,64 @@
 
 use super::*;
 
+/// A stream of messages from one subscription.
+#[derive(Debug)]
+pub struct Subscriber {
+    rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+    filter: String,
+    id: u64,
+    bus: std::sync::Weak<Inner>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            forget(&inner, &[self.id]);
+        }
+    }
+}
+
+impl Subscriber {
+    /// Stops the subscription: the broker sends no more (once no other subscriber on this
+    /// bus uses the same filter), and [`Subscriber::recv`] returns what is already buffered,
+    /// then `None`.
+    pub fn unsubscribe(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            forget(&inner, &[self.id]);
+        }
+        self.rx.close();
+    }
+
+    /// The next message; `None` once the bus is closed.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is buffered now.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Messages lost because this subscriber fell more than its buffer behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The filter subscribed to.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
+    /// Polls for the next message (for `Stream` implementations).
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 impl Bus {
     /// Subscribes to `filter`. The subscription is restored after every reconnect.
     pub async fn subscribe(&self, filter: &str, qos: u8) -> Result<Subscriber, BusError> {

@@ -56,7 +56,7 @@ use builder::SharedState;
 pub use emit::{Batcher, Emitter};
 use endpoint::{serve, Dedupe, EndpointCtx};
 pub use reply::{dead_letter_body, reply_error, ReplyAddress};
-pub use request::{decode_payload, Handler, Request};
+pub use request::{decode_payload, Caller, Handler, Request};
 use request::{BoxFuture, FnHandler};
 
 /// Why a service could not start.

@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// Who sent a request, as it says ([`Request::caller`]); `None` where it did not say (a
+/// `mosquitto_rr`, an MQTT 3.1.1 client).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caller<'a> {
+    /// The caller's MQTT client id.
+    pub client_id: Option<&'a str>,
+    /// The caller's service, when a service called.
+    pub service: Option<&'a str>,
+}
+
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
 pub struct Request<T> {
@@ -66,6 +76,17 @@ impl<T> Request<T> {
                     std::any::type_name::<S>()
                 )
             })
+    }
+
+    /// Who sent the request, as its caller states it: the runtime names its client id and,
+    /// for a service, its service in every request (user properties `caller` and
+    /// `caller_service`). The broker does not vouch for it: use it to log and to route, and
+    /// authorize on the broker's ACL (`[broker.acl]`), which knows the caller's user.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller {
+            client_id: self.user_property(crate::request::CALLER),
+            service: self.user_property(crate::request::CALLER_SERVICE),
+        }
     }
 
     /// The value of the request's MQTT 5 user property `key`, if it has one.
