@@ -60,19 +60,8 @@ enum Cmd {
     Service {
         /// The service.
         name: String,
-        /// topics.toml (default: built-in defaults).
-        #[arg(short, long, env = "EDGEBUS_CONFIG")]
-        config: Option<PathBuf>,
-        /// The broker, host:port (default: `bus.broker` of topics.toml).
-        #[arg(long, env = "EDGEBUS_BROKER")]
-        broker: Option<String>,
-        /// Instance id, also the MQTT client id (default: NAME-xxxx, new at each start; the
-        /// systemd units set a stable one).
-        #[arg(long, env = "EDGEBUS_INSTANCE")]
-        instance: Option<String>,
-        /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9184.
-        #[arg(long, env = "EDGEBUS_METRICS")]
-        metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        part: PartArgs,
     },
     /// Runs the discovery service (the registry, NO_RESPONDERS, the list endpoint).
     Discovery(PartArgs),
@@ -230,21 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Up(args) => up::run(broker_file(&args)?, args.metrics, shutdown_signal),
         Cmd::Broker(args) => broker::run(broker_file(&args)?, args.metrics, shutdown_signal),
-        Cmd::Service {
-            name,
-            config,
-            broker,
-            instance,
-            metrics,
-        } => run_part(
-            &name,
-            PartArgs {
-                config,
-                broker,
-                instance,
-                metrics,
-            },
-        ),
+        Cmd::Service { name, part } => run_part(&name, part),
         Cmd::Discovery(a) => run_part("discovery", a),
         Cmd::Orchestrator(a) => run_part("orchestrator", a),
         Cmd::Health {
