@@ -71,6 +71,80 @@ pub struct BrokerConfig {
     pub acl: AclConfig,
     /// What one client connection may publish; the excess is dropped and counted.
     pub rate_limit: ClientRateLimit,
+    /// What the broker keeps on disk across restarts (`[broker.persistence]`).
+    pub persistence: PersistenceConfig,
+}
+
+/// `[broker.persistence]`: the retained messages kept on disk, so that a restart, a crash or
+/// a power cut loses none the broker acknowledged.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// The directory of the broker's files. A relative path is taken inside
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`) when that is set, else the working
+    /// directory. Unset: nothing is kept (RAM only).
+    pub dir: Option<PathBuf>,
+    /// The commit window: changes are gathered for this long, then written with one
+    /// `fdatasync`; a QoS 1/2 PUBLISH that changes a retained message is acknowledged once
+    /// its commit is on disk. `"none"`: RAM only, whatever `dir` says.
+    #[serde(with = "sync_window")]
+    pub sync: Option<Duration>,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            dir: None,
+            sync: Some(Duration::from_millis(50)),
+        }
+    }
+}
+
+impl PersistenceConfig {
+    /// Where the files go, when persistence is on: `dir`, resolved as its doc says.
+    pub fn resolved_dir(&self) -> Option<PathBuf> {
+        self.sync?;
+        let dir = self.dir.as_ref()?;
+        if dir.is_absolute() {
+            return Some(dir.clone());
+        }
+        Some(match std::env::var_os("STATE_DIRECTORY") {
+            // systemd may list several, separated by ':'; the first is ours.
+            Some(d) => PathBuf::from(
+                d.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .join(dir),
+            None => dir.clone(),
+        })
+    }
+}
+
+/// `sync = "50ms"`, or `"none"`.
+mod sync_window {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "none" {
+            return Ok(None);
+        }
+        humantime::parse_duration(text.trim())
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (e.g. \"50ms\", or \"none\")")))
+    }
 }
 
 /// Per-connection publish limits, e.g. `{ messages = "500/s", bytes = "256KiB/s" }`.
@@ -107,6 +181,7 @@ impl Default for BrokerConfig {
             auth: AuthConfig::default(),
             acl: AclConfig::default(),
             rate_limit: ClientRateLimit::default(),
+            persistence: PersistenceConfig::default(),
         }
     }
 }
@@ -174,6 +249,9 @@ impl BrokerConfig {
         }
         if self.threads == 0 || self.threads > 64 {
             return Err("threads must be between 1 and 64".into());
+        }
+        if self.persistence.sync.is_some_and(|w| w > Duration::from_secs(10)) {
+            return Err("persistence.sync must be at most 10s (acknowledgements wait for it)".into());
         }
         self.acl.validate()
     }

@@ -44,6 +44,7 @@ mod listener;
 mod peer;
 mod router;
 mod sessions;
+mod store;
 pub mod stats;
 mod strict;
 mod ws;
@@ -87,6 +88,14 @@ pub enum BrokerError {
     /// The runtime or the router could not start.
     #[error("cannot start the broker: {0}")]
     Start(String),
+    /// The persistence directory could not be read or written.
+    #[error("persistence: {}: {error}", dir.display())]
+    Persistence {
+        /// `[broker.persistence] dir`, resolved.
+        dir: std::path::PathBuf,
+        /// What the OS said.
+        error: std::io::Error,
+    },
 }
 
 /// What every connection task shares.
@@ -102,17 +111,39 @@ pub(crate) struct Shared {
     refusals: admission::RefusalLog,
     /// Sessions that lost messages since the last lag report.
     lagging: std::sync::Mutex<Vec<Arc<Session>>>,
+    /// Where retained messages are kept on disk, when persistence is on.
+    store: std::sync::OnceLock<store::Store>,
+    /// Topics under the broker's own system topic (`edge/system/broker/`): republished at
+    /// every start, never written to disk.
+    volatile: Option<String>,
 }
 
 impl Shared {
-    /// Appends the deliveries of `msg` to `out` (stores it first if retained).
-    fn route(&self, msg: &Arc<Message>, out: &mut VecDeque<(Arc<Session>, Queued)>) {
+    /// Appends the deliveries of `msg` to `out` (stores it first if retained). Returns the
+    /// store's sequence number when the change must reach the disk before it is
+    /// acknowledged.
+    fn route(&self, msg: &Arc<Message>, out: &mut VecDeque<(Arc<Session>, Queued)>) -> Option<u64> {
+        let mut seq = None;
         if msg.retain {
-            self.router.retain(msg);
+            let durable = self.store.get().filter(|_| {
+                self.volatile
+                    .as_ref()
+                    .map_or(true, |v| !msg.topic_str().starts_with(v.as_str()))
+            });
+            seq = self.router.retain(msg, || {
+                durable.map(|store| {
+                    store.append(if msg.payload.is_empty() {
+                        store::clear(&msg.topic)
+                    } else {
+                        store::Record::Set(msg.clone())
+                    })
+                })
+            });
             let (held, _) = self.router.retained_count();
             self.stats.retained.store(held as u64, Relaxed);
         }
         self.router.targets(msg, out);
+        seq
     }
 
     /// Publishes a message of the broker's own (stats, lag reports, Last Wills): queued
@@ -231,9 +262,56 @@ impl Broker {
                     reserved: config.reserved_connections.min(config.max_connections / 4),
                 },
                 refusals: Default::default(),
+                store: Default::default(),
+                volatile: system_topic.as_ref().map(|t| format!("{t}/")),
                 config,
             })
         };
+        // What the broker kept on disk is back before anyone can connect.
+        if let (Some(dir), Some(window)) = (
+            shared.config.persistence.resolved_dir(),
+            shared.config.persistence.sync,
+        ) {
+            let weak = Arc::downgrade(&shared);
+            let snapshot: store::Snapshot = Box::new(move || {
+                let Some(shared) = weak.upgrade() else {
+                    return (Vec::new(), 0);
+                };
+                let (mut all, bytes) = shared.router.retained_all();
+                if let Some(v) = &shared.volatile {
+                    all.retain(|m| !m.topic_str().starts_with(v.as_str()));
+                }
+                (all, bytes as u64)
+            });
+            let (store, restored) = store::Store::open(&dir, window, snapshot, stats.clone())
+                .map_err(|error| BrokerError::Persistence { dir: dir.clone(), error })?;
+            for m in &restored.retained {
+                shared.router.retain(m, || ());
+            }
+            let (held, bytes) = shared.router.retained_count();
+            shared.stats.retained.store(held as u64, Relaxed);
+            let l = &restored.loaded;
+            if l.skipped_bytes > 0 {
+                warn!(
+                    file = %restored.path.display(),
+                    skipped_bytes = l.skipped_bytes,
+                    skipped_runs = l.skipped_runs,
+                    torn_tail = l.torn_tail,
+                    "damaged records skipped; the file was rewritten with what was readable"
+                );
+            }
+            info!(
+                file = %restored.path.display(),
+                retained = held,
+                bytes,
+                records = l.records,
+                file_bytes = l.file_bytes,
+                took_ms = restored.took.as_millis() as u64,
+                "restored {held} retained messages in {} ms",
+                restored.took.as_millis()
+            );
+            let _ = shared.store.set(store);
+        }
 
         {
             let _guard = runtime.enter();
@@ -527,6 +605,9 @@ impl BrokerHandle {
             let _ = tokio::time::timeout(grace, tracker.wait()).await;
         });
         runtime.shutdown_timeout(Duration::from_millis(100));
+        if let Some(store) = self.shared.store.get() {
+            store.flush(Duration::from_secs(2));
+        }
         info!("broker stopped");
     }
 }

@@ -28,6 +28,7 @@ pub struct Stats {
     pub(crate) too_large: AtomicU64,
     pub(crate) sessions: AtomicU64,
     pub(crate) retained: AtomicU64,
+    pub(crate) persisted_bytes: AtomicU64,
 }
 
 impl Default for Stats {
@@ -53,6 +54,7 @@ impl Default for Stats {
             too_large: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             retained: AtomicU64::new(0),
+            persisted_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -90,6 +92,9 @@ pub struct StatsSnapshot {
     pub sessions: u64,
     /// Retained messages held now.
     pub retained: u64,
+    /// Bytes written to the persistence directory since start (0 with persistence off).
+    #[serde(default)]
+    pub persisted_bytes: u64,
     /// Last Will messages published.
     pub wills: u64,
     /// Seconds since the broker started.
@@ -148,6 +153,7 @@ impl Stats {
             filters: g(&self.filters),
             sessions: g(&self.sessions),
             retained: g(&self.retained),
+            persisted_bytes: g(&self.persisted_bytes),
             wills: g(&self.wills),
             uptime_s: self.started.elapsed().as_secs(),
             rss_bytes: rss_bytes(),

@@ -330,7 +330,14 @@ mod tests {
         let shipped = TopicsFile::builtin();
         let d = TopicsFile::default();
         assert_eq!(format!("{:?}", shipped.bus), format!("{:?}", d.bus));
-        assert_eq!(format!("{:?}", shipped.broker), format!("{:?}", d.broker));
+        // The one exception: a file without [broker.persistence] keeps the broker in RAM, as
+        // before persistence existed (an upgrade never starts writing where nobody said);
+        // the shipped file, and so `edgebus up` without a file, keeps retained messages.
+        let mut broker = shipped.broker.clone();
+        assert_eq!(broker.persistence.dir.as_deref(), Some(Path::new(".")));
+        assert_eq!(d.broker.persistence.dir, None);
+        broker.persistence.dir = None;
+        assert_eq!(format!("{:?}", broker), format!("{:?}", d.broker));
         assert_eq!(format!("{:?}", shipped.up), format!("{:?}", d.up));
         assert_eq!(
             format!("{:?}", shipped.hostmetrics),

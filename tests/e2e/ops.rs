@@ -86,8 +86,12 @@ impl Manager {
 #[test]
 fn broker_notifies_ready_when_listening_and_pings_while_running() {
     let m = Manager::new();
+    // The built-in settings keep retained messages in the working directory: a scratch one.
+    let dir = TempDir::new("notify");
     let mut cmd = edgebus();
-    cmd.args(["broker", "--listen", "127.0.0.1:0"]);
+    cmd.current_dir(&dir.0)
+        .env_remove("STATE_DIRECTORY")
+        .args(["broker", "--listen", "127.0.0.1:0"]);
     m.env(&mut cmd, Duration::from_millis(400));
     let mut proc = Proc::spawn(cmd);
     let (_, ready) = m.expect("READY=1", Duration::from_secs(10));

@@ -82,7 +82,7 @@ impl Conn {
         // A QoS 2 PUBLISH sent again before its PUBREL was routed the first time.
         if qos == 2 && !self.session.incoming_qos2(pkid) {
             return match ack {
-                Some(a) => self.encode(a),
+                Some(a) => self.ack(a, None),
                 None => Ok(()),
             };
         }
@@ -96,8 +96,8 @@ impl Conn {
             self.session.id(),
             std::time::Instant::now(),
         ));
-        self.shared.route(&msg, &mut self.pending);
-        self.pending_ack = ack;
+        let seq = self.shared.route(&msg, &mut self.pending);
+        self.pending_ack = ack.map(|a| (a, seq));
         self.try_route()
     }
 
@@ -111,7 +111,7 @@ impl Conn {
             }
         }
         match self.pending_ack.take() {
-            Some(ack) => self.encode(ack),
+            Some((ack, seq)) => self.ack(ack, seq),
             None => Ok(()),
         }
     }

@@ -34,6 +34,21 @@ use edgebus_proto::policy::TokenBucket;
 mod inbound;
 mod outbound;
 
+/// Acknowledgements that may wait for the store before the connection stops reading.
+const MAX_WAITING_ACKS: usize = 1024;
+
+/// Completes when the store commits more (never, with persistence off).
+async fn commit(committed: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match committed {
+        Some(c) => {
+            if c.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What one connection holds.
 pub(crate) struct Conn {
     pub version: Version,
@@ -58,7 +73,14 @@ pub(crate) struct Conn {
     /// Deliveries of the PUBLISH being routed that are still to be queued, and its
     /// acknowledgement, sent once they are.
     pending: VecDeque<(Arc<Session>, Queued)>,
-    pending_ack: Option<Packet>,
+    /// The acknowledgement of the PUBLISH being routed, and the store's sequence number it
+    /// waits for when the PUBLISH changed a retained message.
+    pending_ack: Option<(Packet, Option<u64>)>,
+    /// Acknowledgements waiting for the store's commit, in the order their PUBLISHes came
+    /// [MQTT-4.6.0-2]; one that waits for nothing waits behind those before it.
+    acks: VecDeque<(u64, Packet)>,
+    /// The store's committed sequence number (none: persistence off).
+    committed: Option<tokio::sync::watch::Receiver<u64>>,
     /// Session Expiry Interval the client asked for (MQTT 5; DISCONNECT may change it).
     pub expiry: u32,
 }
@@ -132,6 +154,8 @@ impl Conn {
             denied_log: Throttle::default(),
             pending: VecDeque::new(),
             pending_ack: None,
+            acks: VecDeque::new(),
+            committed: shared.store.get().map(|s| s.committed()),
             expiry: hello.expiry,
             shared,
         }
@@ -155,6 +179,32 @@ impl Conn {
             .map_err(|e| End::Protocol(format!("cannot encode a packet for this client: {e}")))
     }
 
+    /// Sends the acknowledgement of a PUBLISH once the store's commit `seq` (if any) is on
+    /// disk, and after the acknowledgements before it.
+    pub(super) fn ack(&mut self, packet: Packet, seq: Option<u64>) -> Result<(), End> {
+        let need = seq.unwrap_or(0);
+        if self.acks.is_empty() && need <= self.committed_now() {
+            return self.encode(packet);
+        }
+        self.acks.push_back((need, packet));
+        Ok(())
+    }
+
+    /// Sends the acknowledgements whose commit is on disk, in order.
+    fn release_acks(&mut self) -> Result<(), End> {
+        let done = self.committed_now();
+        while self.acks.front().is_some_and(|(need, _)| *need <= done) {
+            if let Some((_, packet)) = self.acks.pop_front() {
+                self.encode(packet)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn committed_now(&self) -> u64 {
+        self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow())
+    }
+
     pub fn disconnect_v5(&mut self, reason_code: DisconnectReasonCode) {
         let _ = self.encode(Packet::Disconnect(Disconnect { reason_code }, None));
     }
@@ -175,6 +225,7 @@ impl Conn {
         let shutdown = self.shared.shutdown.clone();
         let grace = self.keep_alive + self.keep_alive / 2;
         let mut deadline = Instant::now() + grace;
+        let mut committed = self.committed.clone();
         for o in resend {
             if let Err(end) = self.send(o, std::time::Instant::now()) {
                 return end;
@@ -190,8 +241,9 @@ impl Conn {
                 // runs from now.
                 deadline = Instant::now() + grace;
             }
-            // Every whole frame already buffered, until a PUBLISH has to wait for room.
-            while self.pending.is_empty() {
+            // Every whole frame already buffered, until a PUBLISH has to wait for room, or
+            // too many acknowledgements wait for the disk.
+            while self.pending.is_empty() && self.acks.len() < MAX_WAITING_ACKS {
                 match frame::check(rbuf, max) {
                     Check::Incomplete => break,
                     Check::Ready(f) => {
@@ -213,6 +265,9 @@ impl Conn {
                         return End::Protocol("malformed remaining length".into());
                     }
                 }
+            }
+            if let Err(end) = self.release_acks() {
+                return end;
             }
             if let Err(end) = self.fill() {
                 return end;
@@ -258,6 +313,7 @@ impl Conn {
                     Err(e) => return End::Closed(e.to_string()),
                 },
                 _ = self.session.ready.notified() => {}
+                _ = commit(&mut committed), if !self.acks.is_empty() => {}
                 _ = sleep_until(deadline), if !self.keep_alive.is_zero() => {
                     return End::KeepAlive;
                 }
@@ -327,8 +383,8 @@ impl Conn {
                 }
             }
         }
-        if let Some(ack) = self.pending_ack.take() {
-            self.encode(ack)?;
+        if let Some((ack, seq)) = self.pending_ack.take() {
+            self.ack(ack, seq)?;
         }
         Ok(())
     }
@@ -341,7 +397,7 @@ impl Conn {
             self.shared
                 .drop_for(&target, &q, "the publisher's connection ended");
         }
-        if let Some(Packet::PubRec(rec, _)) = self.pending_ack.take() {
+        if let Some((Packet::PubRec(rec, _), _)) = self.pending_ack.take() {
             self.session.release_qos2(rec.pkid);
         }
     }

@@ -275,14 +275,25 @@ impl Router {
         out
     }
 
-    /// Stores or clears (empty payload [MQTT-3.3.1-6]) a retained message.
-    pub fn retain(&self, msg: &Arc<Message>) {
+    /// Stores or clears (empty payload [MQTT-3.3.1-6]) a retained message, then runs
+    /// `applied` while still holding the lock: whatever it records sees the changes in the
+    /// order they were applied.
+    pub fn retain<R>(&self, msg: &Arc<Message>, applied: impl FnOnce() -> R) -> R {
         let mut r = self.retained.write().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             r.set(msg.topic_str(), None);
         } else {
             r.set(msg.topic_str(), Some(msg.clone()));
         }
+        applied()
+    }
+
+    /// Every retained message held, and their bytes (for the store's compaction).
+    pub fn retained_all(&self) -> (Vec<Arc<Message>>, usize) {
+        let r = self.retained.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(r.len().0);
+        r.matching("#", &mut out);
+        (out, r.len().1)
     }
 
     /// Who gets `msg`, and how: one entry per session (overlapping subscriptions merged:

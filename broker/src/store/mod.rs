@@ -1,0 +1,235 @@
+//! What the broker keeps on disk: the retained messages, in one append-only file
+//! (`retained.log`) written by a thread of its own.
+//!
+//! - Every change of a retained message (set or cleared) is appended in the order the router
+//!   applied it, and gets a sequence number.
+//! - Group commit: the writer gathers what arrives for the commit window (`sync`), writes it
+//!   with one `fdatasync`, and then says which sequence number is on disk. A QoS 1/2 PUBLISH
+//!   that changed a retained message is acknowledged only then.
+//! - Nothing arrives while the bus is idle, so nothing is written.
+//! - Compaction: once the file holds more than twice the live messages (and at least 4 MiB
+//!   more), it is rewritten with the live messages only, to a new file renamed over the old
+//!   one. The live set is read from the router, so it costs no second copy in memory.
+//! - Start: the file is read before the listeners accept anyone. A record with a bad
+//!   checksum is skipped and counted, never a reason to refuse to start; a file with skipped
+//!   bytes is rewritten clean.
+
+mod log;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::router::message::Message;
+use crate::stats::Stats;
+pub(crate) use log::{Loaded, Record};
+
+/// Bytes the file may hold beyond twice the live messages before it is compacted.
+const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
+
+/// What a restart found, for the one log line that says it.
+#[derive(Debug)]
+pub(crate) struct Restored {
+    /// The live retained messages.
+    pub retained: Vec<Arc<Message>>,
+    /// The file read.
+    pub path: PathBuf,
+    /// What reading it found.
+    pub loaded: Loaded,
+    /// How long reading took.
+    pub took: Duration,
+}
+
+/// The writer's handle: appends, and the sequence number on disk.
+pub(crate) struct Store {
+    tx: mpsc::Sender<(u64, Record)>,
+    next: AtomicU64,
+    committed: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("next", &self.next.load(Relaxed))
+            .field("committed", &*self.committed.borrow())
+            .finish()
+    }
+}
+
+/// The live retained messages, read from the router when the writer compacts.
+pub(crate) type Snapshot = Box<dyn Fn() -> (Vec<Arc<Message>>, u64) + Send>;
+
+impl Store {
+    /// Reads `dir/retained.log` (creating `dir` when missing) and starts the writer, which
+    /// commits every `window`. `snapshot` gives the live messages and their bytes.
+    pub fn open(
+        dir: &Path,
+        window: Duration,
+        snapshot: Snapshot,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<(Store, Restored)> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("retained.log");
+        let t0 = Instant::now();
+        let loaded = log::load(&path)?;
+        let retained: Vec<Arc<Message>> = loaded.retained.values().cloned().collect();
+        // A file with damage, or from before a compaction could finish, is rewritten clean;
+        // so is a new one, to start with its magic line.
+        let file_bytes = if loaded.skipped_bytes > 0 || loaded.file_bytes == 0 {
+            log::write_file(&path, retained.iter())?
+        } else {
+            loaded.file_bytes
+        };
+        let took = t0.elapsed();
+        let file = OpenOptions::new().append(true).open(&path)?;
+        let (tx, rx) = mpsc::channel();
+        let (done, committed) = watch::channel(0);
+        let writer = Writer {
+            path: path.clone(),
+            file,
+            file_bytes,
+            window,
+            rx,
+            done,
+            snapshot,
+            stats,
+        };
+        std::thread::Builder::new()
+            .name("edgebus-store".into())
+            .spawn(move || writer.run())?;
+        let store = Store {
+            tx,
+            next: AtomicU64::new(1),
+            committed,
+        };
+        Ok((
+            store,
+            Restored {
+                retained,
+                path,
+                loaded,
+                took,
+            },
+        ))
+    }
+
+    /// Appends a change; returns its sequence number. The caller holds the lock that
+    /// ordered the change, so the file's order is the router's.
+    pub fn append(&self, record: Record) -> u64 {
+        let seq = self.next.fetch_add(1, Relaxed);
+        // The writer only stops when the broker does.
+        let _ = self.tx.send((seq, record));
+        seq
+    }
+
+    /// The highest sequence number on disk, and its changes.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Waits (at most `timeout`) until everything appended is on disk: a clean stop loses
+    /// nothing, QoS 0 changes included.
+    pub fn flush(&self, timeout: Duration) {
+        let want = self.next.load(Relaxed).saturating_sub(1);
+        let deadline = Instant::now() + timeout;
+        while *self.committed.borrow() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    file: File,
+    file_bytes: u64,
+    window: Duration,
+    rx: mpsc::Receiver<(u64, Record)>,
+    done: watch::Sender<u64>,
+    snapshot: Snapshot,
+    stats: Arc<Stats>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut buf = Vec::new();
+        // Blocks while nothing changes: an idle bus writes nothing.
+        while let Ok((mut last, first)) = self.rx.recv() {
+            first.encode(&mut buf);
+            let until = Instant::now() + self.window;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok((seq, r)) => {
+                        r.encode(&mut buf);
+                        last = seq;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if let Err(e) = self.commit(&buf) {
+                // Acknowledgements keep waiting: a broker that cannot write says so, and
+                // does not pretend.
+                tracing::error!(file = %self.path.display(), error = %e, "cannot write the retained messages; acknowledgements wait");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            buf.clear();
+            if buf.capacity() > 1 << 20 {
+                buf = Vec::new();
+            }
+            let _ = self.done.send(last);
+            if let Err(e) = self.compact_if_due() {
+                tracing::warn!(file = %self.path.display(), error = %e, "compaction failed; the file keeps growing until the next try");
+            }
+        }
+    }
+
+    fn commit(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(buf)?;
+        self.file.sync_data()?;
+        self.file_bytes += buf.len() as u64;
+        self.stats
+            .persisted_bytes
+            .fetch_add(buf.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Rewrites the file with the live messages once it holds more than twice them. Every
+    /// change the router applied before the snapshot is in it; changes after it are
+    /// appended to the new file, in order.
+    fn compact_if_due(&mut self) -> std::io::Result<()> {
+        let (_, live) = (self.snapshot)();
+        if self.file_bytes <= 2 * live + COMPACT_SLACK {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let (messages, _) = (self.snapshot)();
+        let before = self.file_bytes;
+        self.file_bytes = log::write_file(&self.path, messages.iter())?;
+        self.stats
+            .persisted_bytes
+            .fetch_add(self.file_bytes, Relaxed);
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        tracing::info!(
+            file = %self.path.display(),
+            before,
+            after = self.file_bytes,
+            messages = messages.len(),
+            took_ms = t0.elapsed().as_millis() as u64,
+            "retained messages compacted"
+        );
+        Ok(())
+    }
+}
+
+/// The topic of a clear record.
+pub(crate) fn clear(topic: &Bytes) -> Record {
+    Record::Clear(topic.clone())
+}
