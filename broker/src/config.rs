@@ -143,7 +143,9 @@ mod sync_window {
         }
         humantime::parse_duration(text.trim())
             .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (e.g. \"50ms\", or \"none\")")))
+            .map_err(|e| {
+                serde::de::Error::custom(format!("`{text}`: {e} (e.g. \"50ms\", or \"none\")"))
+            })
     }
 }
 
@@ -250,8 +252,14 @@ impl BrokerConfig {
         if self.threads == 0 || self.threads > 64 {
             return Err("threads must be between 1 and 64".into());
         }
-        if self.persistence.sync.is_some_and(|w| w > Duration::from_secs(10)) {
-            return Err("persistence.sync must be at most 10s (acknowledgements wait for it)".into());
+        if self
+            .persistence
+            .sync
+            .is_some_and(|w| w > Duration::from_secs(10))
+        {
+            return Err(
+                "persistence.sync must be at most 10s (acknowledgements wait for it)".into(),
+            );
         }
         self.acl.validate()
     }

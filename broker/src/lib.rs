@@ -44,8 +44,8 @@ mod listener;
 mod peer;
 mod router;
 mod sessions;
-mod store;
 pub mod stats;
+mod store;
 mod strict;
 mod ws;
 
@@ -284,7 +284,10 @@ impl Broker {
                 (all, bytes as u64)
             });
             let (store, restored) = store::Store::open(&dir, window, snapshot, stats.clone())
-                .map_err(|error| BrokerError::Persistence { dir: dir.clone(), error })?;
+                .map_err(|error| BrokerError::Persistence {
+                    dir: dir.clone(),
+                    error,
+                })?;
             for m in &restored.retained {
                 shared.router.retain(m, || ());
             }

@@ -147,7 +147,7 @@ pub struct Broker {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub ws: Option<SocketAddr>,
-    _dir: Option<TempDir>,
+    pub _dir: Option<TempDir>,
 }
 
 impl Broker {

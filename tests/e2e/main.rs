@@ -9,6 +9,7 @@ mod hardening;
 mod harness;
 mod health;
 mod ops;
+mod persistence;
 mod presence;
 mod readme;
 mod runtime;

@@ -89,9 +89,11 @@ fn broker_notifies_ready_when_listening_and_pings_while_running() {
     // The built-in settings keep retained messages in the working directory: a scratch one.
     let dir = TempDir::new("notify");
     let mut cmd = edgebus();
-    cmd.current_dir(&dir.0)
-        .env_remove("STATE_DIRECTORY")
-        .args(["broker", "--listen", "127.0.0.1:0"]);
+    cmd.current_dir(&dir.0).env_remove("STATE_DIRECTORY").args([
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     m.env(&mut cmd, Duration::from_millis(400));
     let mut proc = Proc::spawn(cmd);
     let (_, ready) = m.expect("READY=1", Duration::from_secs(10));
