@@ -293,12 +293,17 @@ fn orchestrator_killed_mid_run_finishes_or_compensates_every_run_once() {
         .build()
         .expect("runtime");
     let addr = broker.addr;
-    // After the last request is sent (a request sent while no orchestrator is subscribed is
-    // not the orchestrator's to lose), while runs are at every step.
-    let kill_after = Duration::from_millis(350 + random_u64() % 400);
+    // Once every run is journaled (a request the orchestrator never received is not its to
+    // lose; its record shows it was), while runs are at every step: each takes 450 ms.
+    let kill_after = Duration::from_millis(random_u64() % 300);
     let cfg2 = cfg.clone();
     let (replies, restarted) = rt.block_on(async move {
         let bus = client(addr).await;
+        let mut records = bus
+            .subscribe("edge/saga/crash/runs/+", 1)
+            .await
+            .expect("subscribe");
+        assert!(bus.sync(Duration::from_secs(5)).await);
         let mut tasks = Vec::new();
         for n in 0..20u64 {
             let bus = bus.clone();
@@ -314,6 +319,15 @@ fn orchestrator_killed_mid_run_finishes_or_compensates_every_run_once() {
                 .await
             }));
         }
+        let mut started = std::collections::BTreeSet::new();
+        let all = tokio::time::timeout(Duration::from_secs(30), async {
+            while started.len() < 20 {
+                let m = records.recv().await.expect("run records");
+                started.insert(m.topic);
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "only {} of 20 runs started", started.len());
         tokio::time::sleep(kill_after).await;
         drop(orch);
         let restarted = tokio::task::spawn_blocking(move || part(&["orchestrator"], &cfg2, addr))
@@ -325,7 +339,7 @@ fn orchestrator_killed_mid_run_finishes_or_compensates_every_run_once() {
         }
         (out, restarted)
     });
-    eprintln!("orchestrator SIGKILLed {kill_after:?} into 20 runs");
+    eprintln!("orchestrator SIGKILLed {kill_after:?} after the 20th run started");
     let s = kv_stats(&port);
     for (n, r) in replies.iter().enumerate() {
         let r = r.as_ref().unwrap_or_else(|e| panic!("run r{n}: {e}"));

@@ -337,8 +337,10 @@ mod tests {
     #[test]
     fn expired_messages_are_not_restored_and_the_others_keep_their_time_left() {
         let now = Instant::now();
-        let mut props = PublishProperties::default();
-        props.message_expiry_interval = Some(100);
+        let props = PublishProperties {
+            message_expiry_interval: Some(100),
+            ..Default::default()
+        };
         let long = Arc::new(Message::new(
             Bytes::from_static(b"long"),
             Bytes::from_static(b"x"),
