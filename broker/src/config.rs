@@ -84,9 +84,10 @@ pub struct PersistenceConfig {
     /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`) when that is set, else the working
     /// directory. Unset: nothing is kept (RAM only).
     pub dir: Option<PathBuf>,
-    /// The commit window: changes are gathered for this long, then written with one
-    /// `fdatasync`; a QoS 1/2 PUBLISH that changes a retained message is acknowledged once
-    /// its commit is on disk. `"none"`: RAM only, whatever `dir` says.
+    /// The commit window: at most one `fdatasync` per window. A change after a quiet spell
+    /// is written at once; changes within the window are gathered and written when it ends
+    /// (or once 16 are waiting). A QoS 1/2 PUBLISH that changes a retained message is
+    /// acknowledged once its commit is on disk. `"none"`: RAM only, whatever `dir` says.
     #[serde(with = "sync_window")]
     pub sync: Option<Duration>,
 }

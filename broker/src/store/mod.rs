@@ -3,9 +3,11 @@
 //!
 //! - Every change of a retained message (set or cleared) is appended in the order the router
 //!   applied it, and gets a sequence number.
-//! - Group commit: the writer gathers what arrives for the commit window (`sync`), writes it
-//!   with one `fdatasync`, and then says which sequence number is on disk. A QoS 1/2 PUBLISH
-//!   that changed a retained message is acknowledged only then.
+//! - Group commit: at most one `fdatasync` per commit window (`sync`). A change after a quiet
+//!   spell is written at once; changes that come within the window are gathered and written
+//!   together when it ends, or as soon as 16 are waiting. The writer then says which sequence
+//!   number is on disk, and a QoS 1/2 PUBLISH that changed a retained message is
+//!   acknowledged only then.
 //! - Nothing arrives while the bus is idle, so nothing is written.
 //! - Compaction: once the file holds more than twice the live messages (and at least 4 MiB
 //!   more), it is rewritten with the live messages only, to a new file renamed over the old
@@ -30,6 +32,10 @@ use crate::router::message::Message;
 use crate::stats::Stats;
 pub(crate) use log::{Loaded, Record};
 
+/// Changes waiting that are written without waiting for the rest of the window.
+const BATCH_RECORDS: usize = 16;
+/// Bytes waiting that are written without waiting for the rest of the window.
+const BATCH_BYTES: usize = 64 * 1024;
 /// Bytes the file may hold beyond twice the live messages before it is compacted.
 const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
 
@@ -158,20 +164,26 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut buf = Vec::new();
+        // So that the first change is written at once.
+        let mut last_commit = Instant::now().checked_sub(self.window);
         // Blocks while nothing changes: an idle bus writes nothing.
         while let Ok((mut last, first)) = self.rx.recv() {
             first.encode(&mut buf);
-            let until = Instant::now() + self.window;
-            loop {
-                let left = until.saturating_duration_since(Instant::now());
-                match self.rx.recv_timeout(left) {
-                    Ok((seq, r)) => {
-                        r.encode(&mut buf);
-                        last = seq;
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+            let mut pending = 1;
+            // At most one fdatasync per window: a change after a quiet spell is written at
+            // once, changes within the window are gathered, and 16 waiting are written early.
+            let due = last_commit.map_or_else(Instant::now, |t| t + self.window);
+            while pending < BATCH_RECORDS && buf.len() < BATCH_BYTES {
+                let left = due.saturating_duration_since(Instant::now());
+                let next = if left.is_zero() {
+                    self.rx.try_recv().ok()
+                } else {
+                    self.rx.recv_timeout(left).ok()
+                };
+                let Some((seq, r)) = next else { break };
+                r.encode(&mut buf);
+                last = seq;
+                pending += 1;
             }
             if let Err(e) = self.commit(&buf) {
                 // Acknowledgements keep waiting: a broker that cannot write says so, and
@@ -180,6 +192,7 @@ impl Writer {
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
+            last_commit = Some(Instant::now());
             buf.clear();
             if buf.capacity() > 1 << 20 {
                 buf = Vec::new();

@@ -10,6 +10,8 @@
 //! - [`overload`]: fan-in and fan-out sized so a loss shows, a stopped subscriber, filter churn.
 //! - [`runtime`]: request/response and sagas through the runtime.
 //! - [`detect`]: failure detection with real processes killed and stopped.
+//! - [`persist`]: durable state: retained updates on disk, SIGKILL, restart, side by side with
+//!   mosquitto's `persistence true`.
 //! - [`mqtt`]: the clients the scenarios use; [`host`]: processes, memory, the machine.
 
 use std::time::Duration;
@@ -22,6 +24,7 @@ pub mod figure;
 pub mod host;
 pub mod mqtt;
 pub mod overload;
+pub mod persist;
 pub mod runtime;
 
 pub use figure::{Better, Figure, Goal, Key, Row};
@@ -61,6 +64,8 @@ pub struct BenchOptions {
     pub slow_messages: usize,
     /// Distinct filters of the churn scenario.
     pub churn_filters: usize,
+    /// Retained updates of the persistence scenario.
+    pub persist_updates: usize,
 }
 
 impl BenchOptions {
@@ -71,7 +76,7 @@ impl BenchOptions {
 
 /// The scenario groups `--only` takes.
 pub const GROUPS: &[&str] = &[
-    "rtt", "runtime", "fan", "slow", "churn", "connect", "memory", "detect", "saga",
+    "rtt", "runtime", "fan", "slow", "churn", "connect", "memory", "detect", "saga", "persist",
 ];
 
 impl Default for BenchOptions {
@@ -92,6 +97,7 @@ impl Default for BenchOptions {
             fan_out_wide: 100,
             slow_messages: 20_000,
             churn_filters: 20_000,
+            persist_updates: 20_000,
         }
     }
 }
@@ -260,6 +266,23 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
                 ));
             }
             Err(e) => rows.push(Row::new("failure detection", Lower, Err(e))),
+        }
+    }
+    if opts.wants("persist") {
+        let names = persist::rows(opts.persist_updates);
+        let figures = match persist::kind_of(&target.name) {
+            Some(kind) => persist::run(kind, opts.persist_updates).await,
+            None => names
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("only for the brokers the bench starts")))
+                .collect(),
+        };
+        for ((name, better, goal), figure) in names.into_iter().zip(figures) {
+            let row = Row::new(name, better, figure);
+            rows.push(match goal {
+                Some(g) => row.goal(g),
+                None => row,
+            });
         }
     }
     if !opts.wants("memory") {

@@ -56,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Only these scenario groups (comma-separated): rtt, runtime, fan, slow, churn, connect,
-    /// memory, detect, saga.
+    /// memory, detect, saga, persist.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
     only: Vec<String>,
 }
