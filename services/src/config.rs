@@ -128,6 +128,41 @@ impl TopicsFile {
                 });
             }
         }
+        if let Some(dir) = self.broker.persistence.resolved_dir() {
+            // The broker makes the directory itself; its parent must be there.
+            let (checked, what) = if dir.exists() {
+                (dir.clone(), "")
+            } else {
+                let parent = match dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                    _ => PathBuf::from("."),
+                };
+                (parent, " (to be made inside)")
+            };
+            let problem = match std::fs::metadata(&checked) {
+                Err(e) => Some(format!(
+                    "the persistence directory {}{what}: {e}",
+                    checked.display()
+                )),
+                Ok(m) if !m.is_dir() => Some(format!(
+                    "the persistence directory {}{what} is not a directory",
+                    checked.display()
+                )),
+                Ok(m) if m.permissions().readonly() => Some(format!(
+                    "the persistence directory {}{what} is read-only",
+                    checked.display()
+                )),
+                Ok(_) => None,
+            };
+            if let Some(message) = problem {
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "broker.persistence", "dir"),
+                    key: Some("broker.persistence.dir".into()),
+                    message,
+                });
+            }
+        }
         if !self.saga.is_empty() {
             let journal = self.orchestrator.journal_path();
             let dir = match journal.parent() {
@@ -317,6 +352,25 @@ fn find_path(text: &str, path: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_persistence_directory_that_cannot_be_made_is_refused_with_its_key() {
+        let text = "[broker]\nlisten = \"127.0.0.1:0\"\n\n[broker.persistence]\n\
+                    dir = \"/nonexistent-edgebus/a/b\"\n";
+        let file = TopicsFile::parse(text, Path::new("t.toml")).expect("parses");
+        let e = file
+            .check_startable(text, Path::new("t.toml"))
+            .expect_err("no such parent");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("t.toml:5: key `broker.persistence.dir`: the persistence directory /nonexistent-edgebus/a"),
+            "{shown}"
+        );
+        // "none": nothing is written, so nothing is checked.
+        let text = text.replace("dir =", "sync = \"none\"\ndir =");
+        let file = TopicsFile::parse(&text, Path::new("t.toml")).expect("parses");
+        assert!(file.check_startable(&text, Path::new("t.toml")).is_ok());
+    }
 
     #[test]
     fn shipped_file_is_valid() {
