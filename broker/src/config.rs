@@ -105,22 +105,7 @@ impl PersistenceConfig {
     /// Where the files go, when persistence is on: `dir`, resolved as its doc says.
     pub fn resolved_dir(&self) -> Option<PathBuf> {
         self.sync?;
-        let dir = self.dir.as_ref()?;
-        if dir.is_absolute() {
-            return Some(dir.clone());
-        }
-        Some(match std::env::var_os("STATE_DIRECTORY") {
-            // systemd may list several, separated by ':'; the first is ours.
-            Some(d) => PathBuf::from(
-                d.to_string_lossy()
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-            .join(dir),
-            None => dir.clone(),
-        })
+        Some(edgebus_proto::config::state_path(self.dir.as_ref()?))
     }
 }
 

@@ -124,6 +124,27 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Where a state file or directory goes: an absolute `path` as it is; a relative one
+/// inside `$STATE_DIRECTORY` (systemd's `StateDirectory=`) when that is set, else in the
+/// working directory.
+pub fn state_path(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        return path.to_owned();
+    }
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'; the first is ours.
+        Some(d) => std::path::PathBuf::from(
+            d.to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+        .join(path),
+        None => path.to_owned(),
+    }
+}
+
 /// Serde helpers for durations written as `"500ms"`, `"2s"`, `"1m 30s"`.
 pub mod duration {
     use std::time::Duration;

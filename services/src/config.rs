@@ -139,21 +139,10 @@ impl TopicsFile {
                 };
                 (parent, " (to be made inside)")
             };
-            let problem = match std::fs::metadata(&checked) {
-                Err(e) => Some(format!(
-                    "the persistence directory {}{what}: {e}",
-                    checked.display()
-                )),
-                Ok(m) if !m.is_dir() => Some(format!(
-                    "the persistence directory {}{what} is not a directory",
-                    checked.display()
-                )),
-                Ok(m) if m.permissions().readonly() => Some(format!(
-                    "the persistence directory {}{what} is read-only",
-                    checked.display()
-                )),
-                Ok(_) => None,
-            };
+            let problem = dir_problem(
+                &checked,
+                &format!("the persistence directory {}{what}", checked.display()),
+            );
             if let Some(message) = problem {
                 return Err(ConfigError {
                     file: path.to_owned(),
@@ -169,21 +158,10 @@ impl TopicsFile {
                 Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
                 _ => PathBuf::from("."),
             };
-            let problem = match std::fs::metadata(&dir) {
-                Err(e) => Some(format!(
-                    "the saga journal's directory {}: {e}",
-                    dir.display()
-                )),
-                Ok(m) if !m.is_dir() => Some(format!(
-                    "the saga journal's directory {} is not a directory",
-                    dir.display()
-                )),
-                Ok(m) if m.permissions().readonly() => Some(format!(
-                    "the saga journal's directory {} is read-only",
-                    dir.display()
-                )),
-                Ok(_) => None,
-            };
+            let problem = dir_problem(
+                &dir,
+                &format!("the saga journal's directory {}", dir.display()),
+            );
             if let Some(message) = problem {
                 return Err(ConfigError {
                     file: path.to_owned(),
@@ -270,6 +248,16 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// The line of `key = …` inside `[table]` (or its sub-tables), if written there.
+/// Why `dir` (described as `what`) cannot hold the files a part writes, if it cannot.
+fn dir_problem(dir: &Path, what: &str) -> Option<String> {
+    match std::fs::metadata(dir) {
+        Err(e) => Some(format!("{what}: {e}")),
+        Ok(m) if !m.is_dir() => Some(format!("{what} is not a directory")),
+        Ok(m) if m.permissions().readonly() => Some(format!("{what} is read-only")),
+        Ok(_) => None,
+    }
+}
+
 fn find_key(text: &str, table: &str, key: &str) -> Option<usize> {
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {

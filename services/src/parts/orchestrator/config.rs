@@ -37,21 +37,7 @@ impl Default for OrchestratorConfig {
 impl OrchestratorConfig {
     /// The journal's path, resolved.
     pub fn journal_path(&self) -> PathBuf {
-        if self.journal.is_absolute() {
-            return self.journal.clone();
-        }
-        match std::env::var_os("STATE_DIRECTORY") {
-            // systemd may list several, separated by ':'; the first is ours.
-            Some(d) => PathBuf::from(
-                d.to_string_lossy()
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-            .join(&self.journal),
-            None => self.journal.clone(),
-        }
+        edgebus_runtime::config::state_path(&self.journal)
     }
 }
 
