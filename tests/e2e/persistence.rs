@@ -110,8 +110,17 @@ fn retained_messages_survive_sigterm_and_sigkill_with_their_properties() {
         assert!(ok, "{out}");
         let pid = b.proc.child.id();
         if stop == "KILL" {
-            // Give the QoS 0 change its commit window; the acknowledged ones need none.
-            std::thread::sleep(Duration::from_millis(200));
+            // The QoS 0 change has no acknowledgement to wait for: wait (bounded) until its
+            // commit window has passed and it is in the file.
+            let file = state.join("retained.log");
+            let deadline = Instant::now() + T;
+            while !std::fs::read(&file).is_ok_and(|d| d.windows(5).any(|w| w == b"dev/e")) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the QoS 0 change never reached the file"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         let st = std::process::Command::new("kill")
             .args([&format!("-{stop}"), &pid.to_string()])
