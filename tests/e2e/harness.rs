@@ -189,12 +189,7 @@ impl Broker {
         let mut cmd = edgebus();
         cmd.arg("broker").arg("-c").arg(cfg).args(args);
         let proc = Proc::spawn(cmd);
-        let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
-        let addr = line
-            .rsplit(' ')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .expect("address");
+        let addr = broker_addr(&proc);
         // Printed right after the MQTT line, only when configured: no waiting otherwise.
         let ws = websocket.then(|| {
             let l = proc.expect_line("edgebus websocket listening on", Duration::from_secs(5));
@@ -384,16 +379,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The address in the `edgebus broker listening on ADDR` line `proc` prints (`broker`, `up`).
+pub fn broker_addr(proc: &Proc) -> SocketAddr {
+    let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
+    line.rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"))
+}
+
 /// `edgebus up …` (`cmd`) started: the process, and the broker's address once it listens;
 /// with `ready`, also once every part is ready (`all parts ready`).
 pub fn start_up(cmd: Command, ready: bool) -> (Proc, SocketAddr) {
     let proc = Proc::spawn(cmd);
-    let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
-    let addr = line
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("address");
+    let addr = broker_addr(&proc);
     if ready {
         proc.expect_line("all parts ready", Duration::from_secs(15));
     }
