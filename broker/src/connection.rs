@@ -240,7 +240,12 @@ where
             .unwrap_or(u16::MAX),
         Version::V311 => V311_WINDOW,
     };
-    let (attachment, resend) = session.attach(window, Duration::from_secs(u64::from(expiry)));
+    let (attachment, resend) = shared.router.attach(
+        &key,
+        &session,
+        window,
+        Duration::from_secs(u64::from(expiry)),
+    );
     let mut conn = client::Conn::new(
         version,
         shared.clone(),

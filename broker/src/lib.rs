@@ -111,8 +111,9 @@ pub(crate) struct Shared {
     refusals: admission::RefusalLog,
     /// Sessions that lost messages since the last lag report.
     lagging: std::sync::Mutex<Vec<Arc<Session>>>,
-    /// Where retained messages are kept on disk, when persistence is on.
-    store: std::sync::OnceLock<store::Store>,
+    /// Where retained messages and persistent sessions are kept on disk, when persistence
+    /// is on.
+    store: std::sync::OnceLock<Arc<store::Store>>,
     /// Topics under the broker's own system topic (`edge/system/broker/`): republished at
     /// every start, never written to disk.
     volatile: Option<String>,
@@ -190,6 +191,85 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(target.clone());
         }
+    }
+}
+
+/// Reads the store in `dir` back into the router (retained messages, then persistent
+/// sessions), says in one log line what came back, and starts the store's writer.
+fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std::io::Result<()> {
+    let t0 = std::time::Instant::now();
+    let (store, restored, starter) = store::Store::open(dir, window, shared.stats.clone())?;
+    let store = Arc::new(store);
+    let l = restored.loaded;
+    for m in l.retained.values() {
+        shared.router.retain(m, || ());
+    }
+    let (held, bytes) = shared.router.retained_count();
+    shared.stats.retained.store(held as u64, Relaxed);
+    shared.router.set_journal(store.clone());
+    let (sessions, queued) = shared.router.restore(l.sessions);
+    shared
+        .stats
+        .sessions
+        .store(shared.router.session_count() as u64, Relaxed);
+    shared.stats.filters.store(
+        shared.router.subscription_count() as u64,
+        Relaxed,
+    );
+    if l.skipped_bytes > 0 {
+        warn!(
+            file = %restored.path.display(),
+            skipped_bytes = l.skipped_bytes,
+            skipped_runs = l.skipped_runs,
+            torn_tail = l.torn_tail,
+            "damaged records skipped; the file is rewritten with what was readable"
+        );
+    }
+    let took = t0.elapsed().as_millis() as u64;
+    info!(
+        file = %restored.path.display(),
+        retained = held,
+        bytes,
+        sessions,
+        queued,
+        records = l.records,
+        file_bytes = l.file_bytes,
+        read_ms = restored.took.as_millis() as u64,
+        took_ms = took,
+        "restored {held} retained messages and {sessions} sessions ({queued} queued messages) in {took} ms"
+    );
+    starter.start(Box::new(LiveState(Arc::downgrade(shared))))?;
+    let _ = shared.store.set(store);
+    Ok(())
+}
+
+/// The router's state as the store compacts it.
+struct LiveState(std::sync::Weak<Shared>);
+
+impl store::Live for LiveState {
+    fn bytes(&self) -> u64 {
+        self.0.upgrade().map_or(0, |s| {
+            s.router.retained_count().1 as u64 + s.router.journaled_bytes()
+        })
+    }
+
+    fn records(&self) -> Vec<store::Record> {
+        let Some(shared) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let (mut all, _) = shared.router.retained_all();
+        if let Some(v) = &shared.volatile {
+            all.retain(|m| !m.topic_str().starts_with(v.as_str()));
+        }
+        let mut out: Vec<store::Record> = all.into_iter().map(store::Record::Set).collect();
+        let mut changes = Vec::new();
+        shared.router.journaled(&mut changes);
+        out.extend(
+            changes
+                .into_iter()
+                .map(|(key, c)| store::Record::Session(key, c)),
+        );
+        out
     }
 }
 
@@ -272,48 +352,10 @@ impl Broker {
             shared.config.persistence.resolved_dir(),
             shared.config.persistence.sync,
         ) {
-            let weak = Arc::downgrade(&shared);
-            let snapshot: store::Snapshot = Box::new(move || {
-                let Some(shared) = weak.upgrade() else {
-                    return (Vec::new(), 0);
-                };
-                let (mut all, bytes) = shared.router.retained_all();
-                if let Some(v) = &shared.volatile {
-                    all.retain(|m| !m.topic_str().starts_with(v.as_str()));
-                }
-                (all, bytes as u64)
-            });
-            let (store, restored) = store::Store::open(&dir, window, snapshot, stats.clone())
-                .map_err(|error| BrokerError::Persistence {
-                    dir: dir.clone(),
-                    error,
-                })?;
-            for m in &restored.retained {
-                shared.router.retain(m, || ());
-            }
-            let (held, bytes) = shared.router.retained_count();
-            shared.stats.retained.store(held as u64, Relaxed);
-            let l = &restored.loaded;
-            if l.skipped_bytes > 0 {
-                warn!(
-                    file = %restored.path.display(),
-                    skipped_bytes = l.skipped_bytes,
-                    skipped_runs = l.skipped_runs,
-                    torn_tail = l.torn_tail,
-                    "damaged records skipped; the file was rewritten with what was readable"
-                );
-            }
-            info!(
-                file = %restored.path.display(),
-                retained = held,
-                bytes,
-                records = l.records,
-                file_bytes = l.file_bytes,
-                took_ms = restored.took.as_millis() as u64,
-                "restored {held} retained messages in {} ms",
-                restored.took.as_millis()
-            );
-            let _ = shared.store.set(store);
+            restore(&shared, &dir, window).map_err(|error| BrokerError::Persistence {
+                dir: dir.clone(),
+                error,
+            })?;
         }
 
         {

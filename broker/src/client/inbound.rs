@@ -80,11 +80,16 @@ impl Conn {
             _ => None,
         };
         // A QoS 2 PUBLISH sent again before its PUBREL was routed the first time.
-        if qos == 2 && !self.session.incoming_qos2(pkid) {
-            return match ack {
-                Some(a) => self.ack(a, None),
-                None => Ok(()),
-            };
+        let mut seq = None;
+        if qos == 2 {
+            let (first, recorded) = self.session.incoming_qos2(pkid);
+            if !first {
+                return match ack {
+                    Some(a) => self.ack(a, None),
+                    None => Ok(()),
+                };
+            }
+            seq = recorded;
         }
         bump(&self.shared.stats.messages_in);
         let msg = Arc::new(Message::new(
@@ -96,18 +101,29 @@ impl Conn {
             self.session.id(),
             std::time::Instant::now(),
         ));
-        let seq = self.shared.route(&msg, &mut self.pending);
+        let seq = self.shared.route(&msg, &mut self.pending).max(seq);
         self.pending_ack = ack.map(|a| (a, seq));
         self.try_route()
+    }
+
+    /// A delivery of the PUBLISH being routed was recorded as `seq`: its acknowledgement
+    /// waits for that too.
+    pub(super) fn recorded(&mut self, seq: Option<u64>) {
+        if let (Some((_, want)), Some(seq)) = (self.pending_ack.as_mut(), seq) {
+            *want = Some(want.map_or(seq, |w| w.max(seq)));
+        }
     }
 
     /// Queues what fits of the PUBLISH being routed without waiting; acknowledges it once
     /// every delivery is queued. What does not fit is left for `route_pending`.
     fn try_route(&mut self) -> Result<(), End> {
         while let Some((target, q)) = self.pending.pop_front() {
-            if let Err(Full::Queue(q)) = target.push(q) {
-                self.pending.push_front((target, q));
-                return Ok(());
+            match target.push(q) {
+                Ok(seq) => self.recorded(seq),
+                Err(Full::Queue(q)) => {
+                    self.pending.push_front((target, q));
+                    return Ok(());
+                }
             }
         }
         match self.pending_ack.take() {
@@ -196,6 +212,8 @@ impl Conn {
         // One log line per packet, however many filters it refuses.
         let mut first_refused: Option<(String, &'static str)> = None;
         let now = std::time::Instant::now();
+        // The SUBACK of a persistent session's subscriptions waits for their record.
+        let mut recorded = None;
         for f in &sub.filters {
             let Some(filter) = Filter::parse(&f.path) else {
                 codes.push(self.refused_code(SubscribeReasonCode::TopicFilterInvalid));
@@ -218,7 +236,8 @@ impl Conn {
                 retain_as_published: f.preserve_retain,
                 id,
             };
-            let existed = self.shared.router.subscribe(&self.session, filter, options);
+            let (existed, seq) = self.shared.router.subscribe(&self.session, filter, options);
+            recorded = recorded.max(seq);
             codes.push(SubscribeReasonCode::Success(f.qos));
             // Retained messages: not to shared subscriptions (MQTT 5 §4.8.2), and as Retain
             // Handling says: 0 always, 1 for a new subscription, 2 never [MQTT-3.3.1-9..11].
@@ -238,13 +257,9 @@ impl Conn {
                     {
                         continue;
                     }
-                    let q = Queued {
-                        qos: m.qos.min(granted),
-                        retain: true,
-                        sub_ids: id.into_iter().collect(),
-                        share: None,
-                        msg: m,
-                    };
+                    let qos = m.qos.min(granted);
+                    let mut q = Queued::new(m, qos, true, None);
+                    q.sub_ids = id.into_iter().collect();
                     if let Err(Full::Queue(q)) = self.session.push(q) {
                         self.shared
                             .drop_for(&self.session, &q, "queue full (retained messages)");
@@ -266,13 +281,16 @@ impl Conn {
                 "subscriptions refused"
             );
         }
-        self.encode(Packet::SubAck(
-            SubAck {
-                pkid: sub.pkid,
-                return_codes: codes,
-            },
-            None,
-        ))
+        self.ack(
+            Packet::SubAck(
+                SubAck {
+                    pkid: sub.pkid,
+                    return_codes: codes,
+                },
+                None,
+            ),
+            recorded,
+        )
     }
 
     fn refused_code(&self, code: SubscribeReasonCode) -> SubscribeReasonCode {
@@ -319,26 +337,36 @@ impl Conn {
     }
 
     pub(super) fn on_unsubscribe(&mut self, unsub: protocol::Unsubscribe) -> Result<(), End> {
+        let mut recorded = None;
         let reasons = unsub
             .filters
             .iter()
-            .map(|full| match Filter::parse(full) {
-                Some(f) if self.shared.router.unsubscribe(&self.session, f) => {
+            .map(|full| {
+                let Some(f) = Filter::parse(full) else {
+                    return UnsubAckReason::NoSubscriptionExisted;
+                };
+                let (existed, seq) = self.shared.router.unsubscribe(&self.session, f);
+                recorded = recorded.max(seq);
+                if existed {
                     UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
                 }
-                _ => UnsubAckReason::NoSubscriptionExisted,
             })
             .collect();
         self.shared.stats.filters.store(
             self.shared.router.subscription_count() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.encode(Packet::UnsubAck(
-            UnsubAck {
-                pkid: unsub.pkid,
-                reasons,
-            },
-            None,
-        ))
+        self.ack(
+            Packet::UnsubAck(
+                UnsubAck {
+                    pkid: unsub.pkid,
+                    reasons,
+                },
+                None,
+            ),
+            recorded,
+        )
     }
 }

@@ -349,7 +349,10 @@ impl Conn {
                 tokio::pin!(room);
                 room.as_mut().enable();
                 match target.push(q) {
-                    Ok(()) => break,
+                    Ok(seq) => {
+                        self.recorded(seq);
+                        break;
+                    }
                     Err(Full::Queue(back)) => q = back,
                 }
                 let now = std::time::Instant::now();
@@ -454,11 +457,13 @@ impl Conn {
                     Ok(())
                 }
                 Packet::PubRec(rec, _) => {
+                    // A journaled message's PUBREC is on disk before its PUBREL goes: after
+                    // a restart the PUBREL is sent again, not the PUBLISH.
                     let known = self.session.received(rec.pkid);
-                    self.encode(Packet::PubRel(
+                    let rel = Packet::PubRel(
                         PubRel {
                             pkid: rec.pkid,
-                            reason: if known {
+                            reason: if known.is_some() {
                                 PubRelReason::Success
                             } else {
                                 // MQTT 5 §3.6.2.1.
@@ -466,7 +471,8 @@ impl Conn {
                             },
                         },
                         None,
-                    ))
+                    );
+                    self.ack(rel, known.flatten())
                 }
                 _ => Err(End::Protocol("PUBREC did not decode as one".into())),
             },

@@ -11,7 +11,9 @@
 //! - `retained`: the retained messages, in a tree of their own.
 //! - `session`: a session's subscriptions, bounded queue and in-flight window.
 //! - `message`: a published message, shared by every queue it is in.
+//! - `journal`: what a persistent session records in the store, and how it is rebuilt.
 
+pub(crate) mod journal;
 pub(crate) mod message;
 pub(crate) mod retained;
 pub(crate) mod session;
@@ -19,11 +21,12 @@ pub(crate) mod tree;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::acl::{AclConfig, Principal};
 use crate::config::SharedStrategy;
+use journal::{Change, Image, Journal};
 use message::Message;
 use retained::Retained;
 use session::SubOptions;
@@ -43,6 +46,8 @@ pub(crate) struct Router {
     acl: AclConfig,
     /// Messages lost with sessions that ended holding them: (client id, lost, first topic).
     discarded: Mutex<Vec<(String, u64, String)>>,
+    /// Where persistent sessions record their changes (persistence on).
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 /// A filter as a SUBSCRIBE gives it: the topic filter, and its share group if shared.
@@ -90,7 +95,78 @@ impl Router {
             strategy,
             acl,
             discarded: Mutex::default(),
+            journal: OnceLock::new(),
         }
+    }
+
+    /// Persistent sessions are recorded in `journal` from now on.
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// A connection takes `session` (see [`Session::attach`]); a session that is to outlive
+    /// it is recorded, when persistence is on.
+    pub fn attach(
+        &self,
+        key: &str,
+        session: &Session,
+        window: u16,
+        expiry: Duration,
+    ) -> (u64, Vec<session::Out>) {
+        let key: Arc<str> = Arc::from(key);
+        let link = self.journal.get().map(|j| (&key, j));
+        session.attach(window, expiry, link)
+    }
+
+    /// Puts back the persistent sessions the store kept: each with its subscriptions,
+    /// queued messages and time left; those that expired while the broker was down are
+    /// dropped. Returns the sessions and messages restored.
+    pub fn restore(&self, images: HashMap<Arc<str>, Image>) -> (usize, usize) {
+        let Some(sink) = self.journal.get() else {
+            return (0, 0);
+        };
+        let now_ms = journal::unix_ms();
+        let (mut restored, mut messages) = (0, 0);
+        for (key, image) in images {
+            let Some(left) = image.left(now_ms) else {
+                // Expired while the broker was down: recorded as ended, so the next
+                // compaction forgets it.
+                sink.record(&key, Change::End);
+                continue;
+            };
+            messages += image.queue.len() + image.released.len();
+            let id = self.next_id.fetch_add(1, Relaxed);
+            let session = Session::restored(id, &key, image, left, sink, self.bounds);
+            {
+                let mut tree = self.tree_mut();
+                for (full, options) in session.subscriptions() {
+                    if let Some(f) = Filter::parse(&full) {
+                        tree.subscribe(f.filter, f.share, &session, options);
+                    }
+                }
+            }
+            self.sessions().insert(key.to_string(), session);
+            restored += 1;
+        }
+        (restored, messages)
+    }
+
+    /// The changes that rebuild every persistent session, with their keys (the store
+    /// compacts with them).
+    pub fn journaled(&self, out: &mut Vec<(Arc<str>, Change)>) {
+        let sessions: Vec<Arc<Session>> = self.sessions().values().cloned().collect();
+        let mut changes = Vec::new();
+        for s in sessions {
+            changes.clear();
+            if let Some(key) = s.image(&mut changes) {
+                out.extend(changes.drain(..).map(|c| (key.clone(), c)));
+            }
+        }
+    }
+
+    /// About how many bytes the persistent sessions' records take.
+    pub fn journaled_bytes(&self) -> u64 {
+        self.sessions().values().map(|s| s.stored_bytes()).sum()
     }
 
     fn tree(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
@@ -126,6 +202,7 @@ impl Router {
         let old = sessions.insert(key.to_owned(), new.clone());
         drop(sessions);
         if let Some(old) = old {
+            old.forget();
             self.drop_subscriptions(&old);
             self.note_discarded(&old);
         }
@@ -148,6 +225,7 @@ impl Router {
             sessions.remove(key);
         }
         drop(sessions);
+        session.forget();
         self.drop_subscriptions(session);
         self.hand_over_shared(session);
         self.note_discarded(session);
@@ -251,17 +329,26 @@ impl Router {
             .len()
     }
 
-    /// Adds or replaces a subscription; true if it replaced one of the same filter.
-    pub fn subscribe(&self, session: &Arc<Session>, f: Filter<'_>, options: SubOptions) -> bool {
-        session.add_subscription(f.full, options);
-        self.tree_mut()
-            .subscribe(f.filter, f.share, session, options)
+    /// Adds or replaces a subscription; true if it replaced one of the same filter. The
+    /// sequence number is its record's, in a persistent session.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        f: Filter<'_>,
+        options: SubOptions,
+    ) -> (bool, Option<u64>) {
+        let seq = session.add_subscription(f.full, options);
+        let existed = self
+            .tree_mut()
+            .subscribe(f.filter, f.share, session, options);
+        (existed, seq)
     }
 
-    /// Removes a subscription; true if there was one.
-    pub fn unsubscribe(&self, session: &Arc<Session>, f: Filter<'_>) -> bool {
-        session.remove_subscription(f.full);
-        self.tree_mut().unsubscribe(f.filter, f.share, session)
+    /// Removes a subscription; true if there was one. The sequence number is its record's,
+    /// in a persistent session.
+    pub fn unsubscribe(&self, session: &Arc<Session>, f: Filter<'_>) -> (bool, Option<u64>) {
+        let seq = session.remove_subscription(f.full);
+        (self.tree_mut().unsubscribe(f.filter, f.share, session), seq)
     }
 
     /// The retained messages for a new subscription to `filter` [MQTT-3.3.1-9], unexpired.
@@ -316,13 +403,7 @@ impl Router {
             let e = per.entry(s.session.id()).or_insert_with(|| {
                 (
                     s.session.clone(),
-                    Queued {
-                        msg: msg.clone(),
-                        qos,
-                        retain,
-                        sub_ids: Vec::new(),
-                        share: share.cloned(),
-                    },
+                    Queued::new(msg.clone(), qos, retain, share.cloned()),
                 )
             });
             e.1.qos = e.1.qos.max(qos);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::journal::{pkid_of, unix_ms, Change, Image, Journal};
 use super::message::Message;
 
 /// How one subscription wants its messages (MQTT 5 subscription options; 3.1.1 uses QoS).
@@ -46,6 +47,25 @@ pub(crate) struct Queued {
     /// The shared subscription (`$share/{group}/{filter}`) it came through, if any: when the
     /// session ends before its client acknowledged it, another member gets it.
     pub share: Option<Arc<str>>,
+    /// Its number in a journaled session (0: not recorded).
+    pub n: u64,
+    /// It may have been sent before (restored after a restart): it goes with DUP.
+    pub dup: bool,
+}
+
+impl Queued {
+    /// A delivery of `msg` at `qos`, not yet numbered.
+    pub fn new(msg: Arc<Message>, qos: u8, retain: bool, share: Option<Arc<str>>) -> Queued {
+        Queued {
+            msg,
+            qos,
+            retain,
+            sub_ids: Vec::new(),
+            share,
+            n: 0,
+            dup: false,
+        }
+    }
 }
 
 /// What is waiting for an acknowledgement.
@@ -53,8 +73,8 @@ pub(crate) struct Queued {
 enum Inflight {
     /// A PUBLISH, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     Publish(Queued),
-    /// PUBREL sent, waiting for PUBCOMP.
-    Released,
+    /// PUBREL sent, waiting for PUBCOMP; the message's number if journaled.
+    Released(u64),
 }
 
 /// What to send to the client.
@@ -100,7 +120,27 @@ struct State {
     /// Messages dropped since the last report, and the topic of the first.
     dropped: u64,
     dropped_topic: String,
+    /// Where its changes are recorded, while it is persistent.
+    journal: Option<Journaled>,
 }
+
+/// A journaled session's link to the store.
+#[derive(Debug)]
+struct Journaled {
+    key: Arc<str>,
+    sink: Arc<dyn Journal>,
+    /// The number the next QoS 1/2 message gets.
+    next_n: u64,
+}
+
+impl Journaled {
+    fn record(&self, change: Change) -> u64 {
+        self.sink.record(&self.key, change)
+    }
+}
+
+/// The store a session may record its changes in, and its key there.
+pub(crate) type JournalLink<'a> = Option<(&'a Arc<str>, &'a Arc<dyn Journal>)>;
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -145,6 +185,7 @@ impl Session {
                 progress: Instant::now(),
                 dropped: 0,
                 dropped_topic: String::new(),
+                journal: None,
             }),
             connected: AtomicBool::new(false),
             attached: std::sync::atomic::AtomicU64::new(0),
@@ -206,11 +247,40 @@ impl Session {
     }
 
     /// A connection takes it: `window` is the client's Receive Maximum, `expiry` its Session
-    /// Expiry Interval. Returns the attachment (to leave it with) and what was in flight, to
-    /// send again first.
-    pub fn attach(&self, window: u16, expiry: Duration) -> (u64, Vec<Out>) {
+    /// Expiry Interval. With `journal`, a session that is to outlive its connection is
+    /// recorded from now on. Returns the attachment (to leave it with) and what was in
+    /// flight, to send again first.
+    pub fn attach(&self, window: u16, expiry: Duration, journal: JournalLink<'_>) -> (u64, Vec<Out>) {
         use futures_util::FutureExt;
         let mut s = self.state();
+        let open = || Change::Open {
+            client_id: self.client_id.clone(),
+            owner: self.owner.clone(),
+            expiry_secs: u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX),
+        };
+        match (&s.journal, journal) {
+            (Some(j), _) => {
+                j.record(open());
+            }
+            (None, Some((key, sink))) if !expiry.is_zero() => {
+                let j = Journaled {
+                    key: key.clone(),
+                    sink: sink.clone(),
+                    next_n: 1,
+                };
+                j.record(open());
+                // A session a clean one took over keeps its subscriptions; its queued
+                // messages stay unnumbered (in memory only).
+                for (filter, options) in &s.subscriptions {
+                    j.record(Change::Subscribe {
+                        filter: filter.clone(),
+                        options: *options,
+                    });
+                }
+                s.journal = Some(j);
+            }
+            _ => {}
+        }
         let attachment = self.attached.fetch_add(1, Relaxed) + 1;
         // An eviction of the connection before is not this one's.
         self.evicted.store(false, Relaxed);
@@ -229,7 +299,7 @@ impl Session {
                     dup: true,
                     q: q.clone(),
                 },
-                Inflight::Released => Out::PubRel(*pkid),
+                Inflight::Released(_) => Out::PubRel(*pkid),
             })
             .collect();
         (attachment, resend)
@@ -245,6 +315,11 @@ impl Session {
         s.expiry = expiry;
         s.offline_since = Some(Instant::now());
         self.connected.store(false, Relaxed);
+        if let Some(j) = s.journal.as_ref().filter(|_| !expiry.is_zero()) {
+            j.record(Change::Offline {
+                expires_at_ms: unix_ms().saturating_add(expiry.as_millis() as u64),
+            });
+        }
         drop(s);
         // Publishers waiting for room stop waiting for a client that is gone.
         self.room.notify_waiters();
@@ -257,8 +332,10 @@ impl Session {
         s.offline_since.map(|at| at + s.expiry)
     }
 
-    /// Appends a message, or gives it back when the queue is full.
-    pub fn push(&self, q: Queued) -> Result<(), Full> {
+    /// Appends a message, or gives it back when the queue is full. A QoS 1/2 message
+    /// queued in a journaled session is recorded: the sequence number returned is the one to
+    /// wait for before acknowledging its PUBLISH.
+    pub fn push(&self, mut q: Queued) -> Result<Option<u64>, Full> {
         let mut s = self.state();
         let size = q.msg.size();
         if s.queue.len() >= self.bounds.messages
@@ -266,12 +343,29 @@ impl Session {
         {
             return Err(Full::Queue(q));
         }
+        let mut seq = None;
+        if let Some(j) = s.journal.as_mut().filter(|_| q.qos > 0) {
+            q.n = j.next_n;
+            j.next_n += 1;
+            seq = Some(j.record(Change::Queue {
+                n: q.n,
+                q: Box::new(q.clone()),
+            }));
+        }
         s.queued_bytes += size;
         s.queue.push_back(q);
         drop(s);
         self.ready.notify_one();
-        Ok(())
+        Ok(seq)
     }
+
+    /// The session ends: nothing more of it is recorded, and the store forgets it.
+    pub fn forget(&self) {
+        if let Some(j) = self.state().journal.take() {
+            j.record(Change::End);
+        }
+    }
+
 
     /// Counts a message to `topic` dropped for this session; returns the count since the
     /// last report.
@@ -313,26 +407,34 @@ impl Session {
             if front.qos > 0 && s.inflight.len() >= s.window {
                 break;
             }
+            // A numbered message goes with its own packet id, once that is free.
+            let own = (front.n > 0).then(|| pkid_of(front.n));
+            if own.is_some_and(|p| s.inflight.iter().any(|(x, _)| *x == p)) {
+                break;
+            }
             let Some(q) = s.queue.pop_front() else { break };
             took = true;
             s.queued_bytes -= q.msg.size();
             if q.msg.expired(now) {
                 expired += 1;
+                if let Some(j) = s.journal.as_ref().filter(|_| q.n > 0) {
+                    j.record(Change::Done { n: q.n });
+                }
                 continue;
             }
             if q.qos == 0 {
                 out.push(Out::Publish {
                     pkid: 0,
-                    dup: false,
+                    dup: q.dup,
                     q,
                 });
                 continue;
             }
-            let pkid = next_free(&mut s);
+            let pkid = own.unwrap_or_else(|| next_free(&mut s));
             s.inflight.push_back((pkid, Inflight::Publish(q.clone())));
             out.push(Out::Publish {
                 pkid,
-                dup: false,
+                dup: q.dup,
                 q,
             });
         }
@@ -350,7 +452,14 @@ impl Session {
         let Some(at) = s.inflight.iter().position(|(p, _)| *p == pkid) else {
             return false;
         };
-        s.inflight.remove(at);
+        let n = match s.inflight.remove(at) {
+            Some((_, Inflight::Publish(q))) => q.n,
+            Some((_, Inflight::Released(n))) => n,
+            None => 0,
+        };
+        if let Some(j) = s.journal.as_ref().filter(|_| n > 0) {
+            j.record(Change::Done { n });
+        }
         s.progress = Instant::now();
         drop(s);
         // The window has room again.
@@ -358,40 +467,66 @@ impl Session {
         true
     }
 
-    /// A PUBREC: true if the message was in flight (now waiting for PUBCOMP).
-    pub fn received(&self, pkid: u16) -> bool {
-        let mut s = self.state();
-        match s.inflight.iter_mut().find(|(p, _)| *p == pkid) {
-            Some((_, f)) => {
-                *f = Inflight::Released;
-                s.progress = Instant::now();
-                true
-            }
-            None => false,
-        }
+    /// A PUBREC: None if nothing with that packet id was in flight; otherwise the message
+    /// waits for PUBCOMP, and the PUBREL is to wait for the sequence number given (the
+    /// PUBREC of a journaled message is recorded first).
+    pub fn received(&self, pkid: u16) -> Option<Option<u64>> {
+        let mut guard = self.state();
+        let s = &mut *guard;
+        let (_, f) = s.inflight.iter_mut().find(|(p, _)| *p == pkid)?;
+        let n = match f {
+            Inflight::Publish(q) => q.n,
+            Inflight::Released(n) => *n,
+        };
+        *f = Inflight::Released(n);
+        s.progress = Instant::now();
+        let journal = s.journal.as_ref().filter(|_| n > 0);
+        Some(journal.map(|j| j.record(Change::Released { n })))
     }
 
     /// An incoming QoS 2 PUBLISH: true the first time its packet id is seen (route it),
-    /// false for a resent one (already routed) [MQTT-4.3.3-10].
-    pub fn incoming_qos2(&self, pkid: u16) -> bool {
-        self.state().incoming_qos2.insert(pkid)
+    /// false for a resent one (already routed) [MQTT-4.3.3-10]. The sequence number is
+    /// the record of it, in a journaled session.
+    pub fn incoming_qos2(&self, pkid: u16) -> (bool, Option<u64>) {
+        let mut s = self.state();
+        if !s.incoming_qos2.insert(pkid) {
+            return (false, None);
+        }
+        let seq = s.journal.as_ref().map(|j| j.record(Change::Incoming { pkid }));
+        (true, seq)
     }
 
     /// An incoming PUBREL: true if its packet id was waiting.
     pub fn release_qos2(&self, pkid: u16) -> bool {
-        self.state().incoming_qos2.remove(&pkid)
+        let mut s = self.state();
+        let known = s.incoming_qos2.remove(&pkid);
+        if let Some(j) = s.journal.as_ref().filter(|_| known) {
+            j.record(Change::IncomingDone { pkid });
+        }
+        known
     }
 
-    /// Records a subscription; returns the options it replaced.
-    pub fn add_subscription(&self, filter: &str, options: SubOptions) -> Option<SubOptions> {
-        self.state()
-            .subscriptions
-            .insert(filter.to_owned(), options)
+    /// Records a subscription; returns the sequence number of its record, if journaled.
+    pub fn add_subscription(&self, filter: &str, options: SubOptions) -> Option<u64> {
+        let mut s = self.state();
+        s.subscriptions.insert(filter.to_owned(), options);
+        s.journal.as_ref().map(|j| {
+            j.record(Change::Subscribe {
+                filter: filter.to_owned(),
+                options,
+            })
+        })
     }
 
-    /// Forgets a subscription; true if there was one.
-    pub fn remove_subscription(&self, filter: &str) -> bool {
-        self.state().subscriptions.remove(filter).is_some()
+    /// Forgets a subscription; returns the sequence number of its record, if journaled.
+    pub fn remove_subscription(&self, filter: &str) -> Option<u64> {
+        let mut s = self.state();
+        let had = s.subscriptions.remove(filter).is_some();
+        s.journal.as_ref().filter(|_| had).map(|j| {
+            j.record(Change::Unsubscribe {
+                filter: filter.to_owned(),
+            })
+        })
     }
 
     /// Every subscription, taken out (the session is ending).
@@ -435,7 +570,7 @@ impl Session {
             .or_else(|| {
                 s.inflight.iter().find_map(|(_, f)| match f {
                     Inflight::Publish(q) => Some(q.msg.topic_str().to_owned()),
-                    Inflight::Released => None,
+                    Inflight::Released(_) => None,
                 })
             })
             .unwrap_or_default();
@@ -448,6 +583,104 @@ impl Session {
         s.queued_bytes = 0;
         s.inflight.clear();
         (n as u64, first)
+    }
+
+    /// What a journaled session holds, as the changes that rebuild it (the store compacts
+    /// with them), and its key; None when it is not journaled.
+    pub fn image(&self, out: &mut Vec<Change>) -> Option<Arc<str>> {
+        let s = self.state();
+        let j = s.journal.as_ref()?;
+        out.push(Change::Open {
+            client_id: self.client_id.clone(),
+            owner: self.owner.clone(),
+            expiry_secs: u32::try_from(s.expiry.as_secs()).unwrap_or(u32::MAX),
+        });
+        if let Some(at) = s.offline_since {
+            let left = (at + s.expiry).saturating_duration_since(Instant::now());
+            out.push(Change::Offline {
+                expires_at_ms: unix_ms().saturating_add(left.as_millis() as u64),
+            });
+        }
+        for (filter, options) in &s.subscriptions {
+            out.push(Change::Subscribe {
+                filter: filter.clone(),
+                options: *options,
+            });
+        }
+        out.extend(s.incoming_qos2.iter().map(|&pkid| Change::Incoming { pkid }));
+        for (_, f) in &s.inflight {
+            match f {
+                Inflight::Publish(q) if q.n > 0 => out.push(Change::Queue {
+                    n: q.n,
+                    q: Box::new(q.clone()),
+                }),
+                Inflight::Released(n) if *n > 0 => out.push(Change::Released { n: *n }),
+                _ => {}
+            }
+        }
+        for q in s.queue.iter().filter(|q| q.n > 0) {
+            out.push(Change::Queue {
+                n: q.n,
+                q: Box::new(q.clone()),
+            });
+        }
+        Some(j.key.clone())
+    }
+
+    /// About how many bytes its records take, if journaled (for the store's compaction).
+    pub fn stored_bytes(&self) -> u64 {
+        let s = self.state();
+        if s.journal.is_none() {
+            return 0;
+        }
+        (s.queued_bytes + 64 * (s.inflight.len() + s.subscriptions.len() + 1)) as u64
+    }
+
+    /// A session as the store kept it, offline, with `left` before it expires. Its QoS 1/2
+    /// messages are queued again, with DUP (their client may have had them), in order;
+    /// those whose PUBREC came wait for PUBCOMP.
+    pub fn restored(
+        id: u64,
+        key: &Arc<str>,
+        image: Image,
+        left: Duration,
+        sink: &Arc<dyn Journal>,
+        bounds: Bounds,
+    ) -> Arc<Session> {
+        let session = Session::new(id, &image.client_id, image.owner.as_deref(), bounds);
+        let next_n = image.next_n();
+        {
+            let mut s = session.state();
+            s.expiry = left;
+            s.offline_since = Some(Instant::now());
+            s.subscriptions = image.subscriptions.into_iter().collect();
+            s.incoming_qos2 = image.incoming.into_iter().collect();
+            s.inflight = image
+                .released
+                .iter()
+                .map(|&n| (pkid_of(n), Inflight::Released(n)))
+                .collect();
+            for (_, mut q) in image.queue {
+                q.dup = true;
+                s.queued_bytes += q.msg.size();
+                s.queue.push_back(q);
+            }
+            s.journal = Some(Journaled {
+                key: key.clone(),
+                sink: sink.clone(),
+                next_n,
+            });
+        }
+        session
+    }
+
+    /// Its subscriptions, with their options.
+    pub fn subscriptions(&self) -> Vec<(String, SubOptions)> {
+        let s = self.state();
+        s.subscriptions
+            .iter()
+            .map(|(f, o)| (f.clone(), *o))
+            .collect()
     }
 
     /// Messages queued and in flight.
@@ -474,19 +707,13 @@ mod tests {
     use super::*;
 
     fn q(qos: u8) -> Queued {
-        Queued {
-            msg: Arc::new(Message::for_test("t", b"x")),
-            qos,
-            retain: false,
-            sub_ids: Vec::new(),
-            share: None,
-        }
+        Queued::new(Arc::new(Message::for_test("t", b"x")), qos, false, None)
     }
 
     #[test]
     fn bounded_queue_window_and_redelivery() {
         let s = Session::new_for_test("a");
-        assert!(s.attach(2, Duration::ZERO).1.is_empty());
+        assert!(s.attach(2, Duration::ZERO, None).1.is_empty());
         for _ in 0..10 {
             s.push(q(1)).expect("room");
         }
@@ -510,7 +737,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         // Reconnect: what is in flight comes again with DUP, in order.
         assert!(s.detach(1, Duration::from_secs(60)));
-        let (n, again) = s.attach(10, Duration::from_secs(60));
+        let (n, again) = s.attach(10, Duration::from_secs(60), None);
         assert!(
             !s.detach(n - 1, Duration::ZERO),
             "a stale connection leaves nothing"
@@ -530,17 +757,131 @@ mod tests {
                 }
             ]
         ));
-        assert!(s.received(3));
-        let (_, again) = s.attach(10, Duration::from_secs(60));
+        assert!(s.received(3).is_some());
+        let (_, again) = s.attach(10, Duration::from_secs(60), None);
         assert!(matches!(again[1], Out::PubRel(3)));
         assert_eq!(s.backlog(), (7, 2));
+    }
+
+    /// Keeps what a journaled session records, as the store would.
+    #[derive(Debug, Default)]
+    struct Tape(Mutex<Vec<(Arc<str>, Change)>>);
+
+    impl Journal for Tape {
+        fn record(&self, key: &Arc<str>, change: Change) -> u64 {
+            let mut t = self.0.lock().expect("tape");
+            t.push((key.clone(), change));
+            t.len() as u64
+        }
+    }
+
+    impl Tape {
+        fn replay(&self) -> std::collections::HashMap<Arc<str>, Image> {
+            let mut images = std::collections::HashMap::new();
+            for (k, c) in self.0.lock().expect("tape").iter() {
+                Image::apply(&mut images, k.clone(), c.clone());
+            }
+            images
+        }
+    }
+
+    #[test]
+    fn a_journaled_session_is_rebuilt_from_its_records_with_its_packet_ids() {
+        let tape = Arc::new(Tape::default());
+        let sink: Arc<dyn Journal> = tape.clone();
+        let key: Arc<str> = Arc::from("k");
+        let s = Session::new_for_test("a");
+        let hour = Duration::from_secs(3600);
+        s.attach(3, hour, Some((&key, &sink)));
+        assert!(s.add_subscription("t/#", SubOptions::default()).is_some());
+        for qos in [1, 2, 2, 0, 1] {
+            let seq = s.push(q(qos)).expect("room");
+            assert_eq!(seq.is_some(), qos > 0, "QoS 0 never touches the disk");
+        }
+        let mut out = Vec::new();
+        s.take(Instant::now(), &mut out);
+        let ids: Vec<u16> = out
+            .iter()
+            .map(|o| match o {
+                Out::Publish { pkid, .. } => *pkid,
+                Out::PubRel(p) => *p,
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 0], "a journaled message's packet id is its number; QoS 0 has none");
+        assert!(s.acked(1));
+        assert!(matches!(s.received(2), Some(Some(_))), "PUBREC recorded");
+        assert!(s.detach(1, hour));
+
+        let images = tape.replay();
+        let image = images.get(&key).expect("the session");
+        assert_eq!(image.subscriptions.len(), 1);
+        assert_eq!(image.queue.keys().copied().collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(image.released.iter().copied().collect::<Vec<_>>(), [2]);
+        let left = image.left(unix_ms()).expect("not expired");
+        assert!(left > Duration::from_secs(3590), "{left:?}");
+
+        // The image the store compacts with rebuilds the same session.
+        let mut changes = Vec::new();
+        assert_eq!(s.image(&mut changes).as_deref(), Some("k"));
+        let mut again = std::collections::HashMap::new();
+        for c in changes {
+            Image::apply(&mut again, key.clone(), c);
+        }
+        let rebuilt = &again[&key];
+        assert_eq!(rebuilt.queue.keys().copied().collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(rebuilt.released.iter().copied().collect::<Vec<_>>(), [2]);
+
+        // Restored: PUBREL for 2 first, then 3 and 4 again with DUP and their packet ids.
+        let image = tape.replay().remove(&key).expect("the session");
+        let r = Session::restored(9, &key, image, left, &sink, s.bounds);
+        let (_, resend) = r.attach(10, hour, Some((&key, &sink)));
+        assert!(matches!(resend[..], [Out::PubRel(2)]));
+        let mut out = Vec::new();
+        r.take(Instant::now(), &mut out);
+        assert!(matches!(
+            out[..],
+            [
+                Out::Publish {
+                    pkid: 3,
+                    dup: true,
+                    ..
+                },
+                Out::Publish {
+                    pkid: 4,
+                    dup: true,
+                    ..
+                }
+            ]
+        ));
+        let seq = r.push(q(1)).expect("room").expect("recorded");
+        assert!(seq > 0);
+        assert_eq!(tape.replay()[&key].queue.keys().last(), Some(&5), "numbers go on");
+        r.forget();
+        assert!(tape.replay().is_empty(), "an ended session is forgotten");
+    }
+
+    #[test]
+    fn a_session_expires_by_the_wall_clock_across_a_restart() {
+        let image = Image {
+            expiry_secs: 60,
+            expires_at_ms: 10_000,
+            ..Image::default()
+        };
+        assert_eq!(image.left(4_000), Some(Duration::from_secs(6)));
+        assert_eq!(image.left(10_000), None);
+        let connected = Image {
+            expiry_secs: 60,
+            ..Image::default()
+        };
+        assert_eq!(connected.left(u64::MAX), Some(Duration::from_secs(60)));
+        assert_eq!(Image::default().left(0), None, "expiry 0 never outlives");
     }
 
     #[test]
     fn qos2_in_once() {
         let s = Session::new_for_test("a");
-        assert!(s.incoming_qos2(5));
-        assert!(!s.incoming_qos2(5), "a resent PUBLISH is not routed twice");
+        assert!(s.incoming_qos2(5).0);
+        assert!(!s.incoming_qos2(5).0, "a resent PUBLISH is not routed twice");
         assert!(s.release_qos2(5));
         assert!(!s.release_qos2(5));
     }

@@ -1,17 +1,18 @@
-//! What the broker keeps on disk: the retained messages, in one append-only file
-//! (`retained.log`) written by a thread of its own.
+//! What the broker keeps on disk: the retained messages and the persistent sessions, in one
+//! append-only file (`broker-state.log`) written by a thread of its own.
 //!
-//! - Every change of a retained message (set or cleared) is appended in the order the router
-//!   applied it, and gets a sequence number.
+//! - Every change of a retained message (set or cleared), and of a persistent session (see
+//!   `router::journal`), is appended in the order the router applied it, and gets a sequence
+//!   number.
 //! - Group commit: at most one `fdatasync` per commit window (`sync`). A change after a quiet
 //!   spell is written at once; changes that come within the window are gathered and written
 //!   together when it ends, or as soon as 16 are waiting. The writer then says which sequence
-//!   number is on disk, and a QoS 1/2 PUBLISH that changed a retained message is
-//!   acknowledged only then.
+//!   number is on disk, and a QoS 1/2 PUBLISH that changed a retained message or was queued
+//!   for a persistent session is acknowledged only then.
 //! - Nothing arrives while the bus is idle, so nothing is written.
-//! - Compaction: once the file holds more than twice the live messages (and at least 4 MiB
-//!   more), it is rewritten with the live messages only, to a new file renamed over the old
-//!   one. The live set is read from the router, so it costs no second copy in memory.
+//! - Compaction: once the file holds more than twice the live state (and at least 4 MiB
+//!   more), it is rewritten with the live state only, to a new file renamed over the old
+//!   one. The live state is read from the router, so it costs no second copy in memory.
 //! - Start: the file is read before the listeners accept anyone. A record with a bad
 //!   checksum is skipped and counted, never a reason to refuse to start; a file with skipped
 //!   bytes is rewritten clean.
@@ -28,9 +29,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::router::message::Message;
+use crate::router::journal::{Change, Journal};
 use crate::stats::Stats;
 pub(crate) use log::{Loaded, Record};
+
+/// The file, in the persistence directory.
+pub(crate) const FILE: &str = "broker-state.log";
+/// Its name before it held sessions too; taken over when found.
+const OLD_FILE: &str = "retained.log";
 
 /// Changes waiting that are written without waiting for the rest of the window.
 const BATCH_RECORDS: usize = 16;
@@ -42,11 +48,9 @@ const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
 /// What a restart found, for the one log line that says it.
 #[derive(Debug)]
 pub(crate) struct Restored {
-    /// The live retained messages.
-    pub retained: Vec<Arc<Message>>,
     /// The file read.
     pub path: PathBuf,
-    /// What reading it found.
+    /// What reading it found: the live retained messages and sessions.
     pub loaded: Loaded,
     /// How long reading took.
     pub took: Duration,
@@ -68,27 +72,60 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// The live retained messages, read from the router when the writer compacts.
-pub(crate) type Snapshot = Box<dyn Fn() -> (Vec<Arc<Message>>, u64) + Send>;
+/// The live state, read from the router when the writer compacts.
+pub(crate) trait Live: Send {
+    /// About how many bytes its records take.
+    fn bytes(&self) -> u64;
+    /// The records that rebuild it.
+    fn records(&self) -> Vec<Record>;
+}
+
+/// The writer, made by [`Store::open`] and started once what was read is back in the router.
+pub(crate) struct Starter {
+    writer: Writer,
+    /// The file had damage: it is rewritten (from the router) before anything else.
+    rewrite: bool,
+}
+
+impl Starter {
+    /// Starts the writer thread; `live` reads the router's state when it compacts.
+    pub fn start(mut self, live: Box<dyn Live>) -> std::io::Result<()> {
+        self.writer.live = Some(live);
+        let rewrite = self.rewrite;
+        std::thread::Builder::new()
+            .name("edgebus-store".into())
+            .spawn(move || {
+                if rewrite {
+                    if let Err(e) = self.writer.compact() {
+                        tracing::warn!(file = %self.writer.path.display(), error = %e, "cannot rewrite the damaged file; it is read the same way next time");
+                    }
+                }
+                self.writer.run()
+            })?;
+        Ok(())
+    }
+}
 
 impl Store {
-    /// Reads `dir/retained.log` (creating `dir` when missing) and starts the writer, which
-    /// commits every `window`. `snapshot` gives the live messages and their bytes.
+    /// Reads `dir/broker-state.log` (creating `dir` when missing). The writer, which commits
+    /// every `window`, is started by the [`Starter`] once what was read is in the router;
+    /// changes appended meanwhile wait for it.
     pub fn open(
         dir: &Path,
         window: Duration,
-        snapshot: Snapshot,
         stats: Arc<Stats>,
-    ) -> std::io::Result<(Store, Restored)> {
+    ) -> std::io::Result<(Store, Restored, Starter)> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join("retained.log");
+        let path = dir.join(FILE);
+        let old = dir.join(OLD_FILE);
+        if !path.exists() && old.exists() {
+            std::fs::rename(&old, &path)?;
+        }
         let t0 = Instant::now();
         let loaded = log::load(&path)?;
-        let retained: Vec<Arc<Message>> = loaded.retained.values().cloned().collect();
-        // A file with damage, or from before a compaction could finish, is rewritten clean;
-        // so is a new one, to start with its magic line.
-        let file_bytes = if loaded.skipped_bytes > 0 || loaded.file_bytes == 0 {
-            log::write_file(&path, retained.iter())?
+        // A new file starts with its magic line.
+        let file_bytes = if loaded.file_bytes == 0 {
+            log::write_file(&path, std::iter::empty())?
         } else {
             loaded.file_bytes
         };
@@ -103,25 +140,26 @@ impl Store {
             window,
             rx,
             done,
-            snapshot,
+            live: None,
             stats,
         };
-        std::thread::Builder::new()
-            .name("edgebus-store".into())
-            .spawn(move || writer.run())?;
         let store = Store {
             tx,
             next: AtomicU64::new(1),
             committed,
         };
+        let starter = Starter {
+            writer,
+            rewrite: loaded.skipped_bytes > 0,
+        };
         Ok((
             store,
             Restored {
-                retained,
                 path,
                 loaded,
                 took,
             },
+            starter,
         ))
     }
 
@@ -157,7 +195,7 @@ struct Writer {
     window: Duration,
     rx: mpsc::Receiver<(u64, Record)>,
     done: watch::Sender<u64>,
-    snapshot: Snapshot,
+    live: Option<Box<dyn Live>>,
     stats: Arc<Stats>,
 }
 
@@ -214,18 +252,24 @@ impl Writer {
         Ok(())
     }
 
-    /// Rewrites the file with the live messages once it holds more than twice them. Every
-    /// change the router applied before the snapshot is in it; changes after it are
-    /// appended to the new file, in order.
+    /// Rewrites the file with the live state once it holds more than twice it.
     fn compact_if_due(&mut self) -> std::io::Result<()> {
-        let (_, live) = (self.snapshot)();
+        let live = self.live.as_ref().map_or(0, |l| l.bytes());
         if self.file_bytes <= 2 * live + COMPACT_SLACK {
             return Ok(());
         }
+        self.compact()
+    }
+
+    /// Rewrites the file with the live state. Every change the router applied before the
+    /// snapshot is in it; changes after it are appended to the new file, in order (each
+    /// record states a result, not a step, so one that is already in the snapshot changes
+    /// nothing when it is replayed after it).
+    fn compact(&mut self) -> std::io::Result<()> {
         let t0 = Instant::now();
-        let (messages, _) = (self.snapshot)();
+        let records = self.live.as_ref().map(|l| l.records()).unwrap_or_default();
         let before = self.file_bytes;
-        self.file_bytes = log::write_file(&self.path, messages.iter())?;
+        self.file_bytes = log::write_file(&self.path, records.iter())?;
         self.stats
             .persisted_bytes
             .fetch_add(self.file_bytes, Relaxed);
@@ -234,11 +278,17 @@ impl Writer {
             file = %self.path.display(),
             before,
             after = self.file_bytes,
-            messages = messages.len(),
+            records = records.len(),
             took_ms = t0.elapsed().as_millis() as u64,
-            "retained messages compacted"
+            "state file compacted"
         );
         Ok(())
+    }
+}
+
+impl Journal for Store {
+    fn record(&self, key: &Arc<str>, change: Change) -> u64 {
+        self.append(Record::Session(key.clone(), change))
     }
 }
 
