@@ -212,10 +212,10 @@ fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std
         .stats
         .sessions
         .store(shared.router.session_count() as u64, Relaxed);
-    shared.stats.filters.store(
-        shared.router.subscription_count() as u64,
-        Relaxed,
-    );
+    shared
+        .stats
+        .filters
+        .store(shared.router.subscription_count() as u64, Relaxed);
     if l.skipped_bytes > 0 {
         warn!(
             file = %restored.path.display(),

@@ -8,6 +8,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The `edgebus` binary under test.
+/// The broker's state file in its persistence directory.
+pub const STATE_FILE: &str = "broker-state.log";
+
 pub fn edgebus() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_edgebus"));
     c.env("EDGEBUS_LOG", "info");

@@ -3,6 +3,7 @@
 
 mod broker;
 mod conformance;
+mod durable_sessions;
 mod faults;
 mod first_hour;
 mod hardening;

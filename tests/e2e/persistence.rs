@@ -14,7 +14,7 @@ const T: Duration = Duration::from_secs(5);
 
 /// A broker keeping its state in `state`, with the commit window `sync`, and what it logged
 /// up to the line that says what it restored.
-fn durable_broker(dir: &TempDir, state: &Path, sync: &str) -> (Broker, Vec<String>) {
+pub(crate) fn durable_broker(dir: &TempDir, state: &Path, sync: &str) -> (Broker, Vec<String>) {
     let cfg = dir.file(
         "topics.toml",
         &format!(
@@ -51,7 +51,7 @@ fn durable_broker(dir: &TempDir, state: &Path, sync: &str) -> (Broker, Vec<Strin
 }
 
 /// The line of `log` containing `needle`.
-fn line<'a>(log: &'a [String], needle: &str) -> &'a str {
+pub(crate) fn line<'a>(log: &'a [String], needle: &str) -> &'a str {
     log.iter()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("no `{needle}` in {log:?}"))
@@ -112,7 +112,7 @@ fn retained_messages_survive_sigterm_and_sigkill_with_their_properties() {
         if stop == "KILL" {
             // The QoS 0 change has no acknowledgement to wait for: wait (bounded) until its
             // commit window has passed and it is in the file.
-            let file = state.join("retained.log");
+            let file = state.join(STATE_FILE);
             let deadline = Instant::now() + T;
             while !std::fs::read(&file).is_ok_and(|d| d.windows(5).any(|w| w == b"dev/e")) {
                 assert!(
@@ -268,8 +268,8 @@ fn a_damaged_file_is_reported_and_the_rest_served() {
         assert!(ok, "{out}");
     }
     drop(b);
-    let file = state.join("retained.log");
-    let mut data = std::fs::read(&file).expect("retained.log");
+    let file = state.join(STATE_FILE);
+    let mut data = std::fs::read(&file).expect(STATE_FILE);
     // A flipped byte inside the second record, and the last record cut in half.
     let at = data
         .windows(13)
@@ -310,9 +310,9 @@ fn an_idle_broker_writes_nothing() {
     let (b, _) = durable_broker(&dir, &state, "5ms");
     let (ok, out) = publish(&b.port(), &["-t", "i/a", "-m", "x", "-r", "-q", "1"]);
     assert!(ok, "{out}");
-    let file = state.join("retained.log");
+    let file = state.join(STATE_FILE);
     let look = || {
-        let m = std::fs::metadata(&file).expect("retained.log");
+        let m = std::fs::metadata(&file).expect(STATE_FILE);
         let io = std::fs::read_to_string(format!("/proc/{}/io", b.proc.child.id()))
             .expect("/proc/PID/io");
         let written: u64 = io

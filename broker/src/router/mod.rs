@@ -193,7 +193,11 @@ impl Router {
     ) -> (Arc<Session>, bool) {
         let mut sessions = self.sessions();
         if !clean {
-            if let Some(s) = sessions.get(key) {
+            // One whose expiry passed is over, whether or not the sweep has ended it yet.
+            let live = |s: &Arc<Session>| {
+                s.is_connected() || s.expires_at().map_or(true, |at| at > Instant::now())
+            };
+            if let Some(s) = sessions.get(key).filter(|s| live(s)) {
                 return (s.clone(), true);
             }
         }

@@ -250,7 +250,12 @@ impl Session {
     /// Expiry Interval. With `journal`, a session that is to outlive its connection is
     /// recorded from now on. Returns the attachment (to leave it with) and what was in
     /// flight, to send again first.
-    pub fn attach(&self, window: u16, expiry: Duration, journal: JournalLink<'_>) -> (u64, Vec<Out>) {
+    pub fn attach(
+        &self,
+        window: u16,
+        expiry: Duration,
+        journal: JournalLink<'_>,
+    ) -> (u64, Vec<Out>) {
         use futures_util::FutureExt;
         let mut s = self.state();
         let open = || Change::Open {
@@ -365,7 +370,6 @@ impl Session {
             j.record(Change::End);
         }
     }
-
 
     /// Counts a message to `topic` dropped for this session; returns the count since the
     /// last report.
@@ -492,7 +496,10 @@ impl Session {
         if !s.incoming_qos2.insert(pkid) {
             return (false, None);
         }
-        let seq = s.journal.as_ref().map(|j| j.record(Change::Incoming { pkid }));
+        let seq = s
+            .journal
+            .as_ref()
+            .map(|j| j.record(Change::Incoming { pkid }));
         (true, seq)
     }
 
@@ -607,7 +614,11 @@ impl Session {
                 options: *options,
             });
         }
-        out.extend(s.incoming_qos2.iter().map(|&pkid| Change::Incoming { pkid }));
+        out.extend(
+            s.incoming_qos2
+                .iter()
+                .map(|&pkid| Change::Incoming { pkid }),
+        );
         for (_, f) in &s.inflight {
             match f {
                 Inflight::Publish(q) if q.n > 0 => out.push(Change::Queue {
@@ -807,7 +818,11 @@ mod tests {
                 Out::PubRel(p) => *p,
             })
             .collect();
-        assert_eq!(ids, [1, 2, 3, 0], "a journaled message's packet id is its number; QoS 0 has none");
+        assert_eq!(
+            ids,
+            [1, 2, 3, 0],
+            "a journaled message's packet id is its number; QoS 0 has none"
+        );
         assert!(s.acked(1));
         assert!(matches!(s.received(2), Some(Some(_))), "PUBREC recorded");
         assert!(s.detach(1, hour));
@@ -855,7 +870,11 @@ mod tests {
         ));
         let seq = r.push(q(1)).expect("room").expect("recorded");
         assert!(seq > 0);
-        assert_eq!(tape.replay()[&key].queue.keys().last(), Some(&5), "numbers go on");
+        assert_eq!(
+            tape.replay()[&key].queue.keys().last(),
+            Some(&5),
+            "numbers go on"
+        );
         r.forget();
         assert!(tape.replay().is_empty(), "an ended session is forgotten");
     }
@@ -881,7 +900,10 @@ mod tests {
     fn qos2_in_once() {
         let s = Session::new_for_test("a");
         assert!(s.incoming_qos2(5).0);
-        assert!(!s.incoming_qos2(5).0, "a resent PUBLISH is not routed twice");
+        assert!(
+            !s.incoming_qos2(5).0,
+            "a resent PUBLISH is not routed twice"
+        );
         assert!(s.release_qos2(5));
         assert!(!s.release_qos2(5));
     }

@@ -79,7 +79,14 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
         _ => QoS::ExactlyOnce,
     };
     let pkid = if m.qos == 0 { 0 } else { 1 };
-    let publish = Publish::with(qos, pkid, false, m.retain, m.topic.clone(), m.payload.clone());
+    let publish = Publish::with(
+        qos,
+        pkid,
+        false,
+        m.retain,
+        m.topic.clone(),
+        m.payload.clone(),
+    );
     let mut buf = BytesMut::new();
     // The codec cannot fail on a message it decoded itself; should it, the record keeps the
     // topic and payload without properties.
@@ -489,7 +496,12 @@ mod tests {
     #[test]
     fn session_changes_read_back_as_written() {
         let key: Arc<str> = Arc::from("id\u{0}user");
-        let mut q = Queued::new(msg("q/1", "hello"), 2, true, Some(Arc::from("$share/g/q/#")));
+        let mut q = Queued::new(
+            msg("q/1", "hello"),
+            2,
+            true,
+            Some(Arc::from("$share/g/q/#")),
+        );
         q.sub_ids = vec![3, 70_000];
         q.n = 41;
         let changes = [
@@ -534,7 +546,10 @@ mod tests {
         assert_eq!(&q.msg.payload[..], b"hello");
         assert!(image.incoming.contains(&9));
         assert!(image.left(unix_ms()).is_some());
-        let ended = file(&[records[0].clone(), Record::Session(key.clone(), Change::End)]);
+        let ended = file(&[
+            records[0].clone(),
+            Record::Session(key.clone(), Change::End),
+        ]);
         assert!(parse(&ended).sessions.is_empty());
     }
 

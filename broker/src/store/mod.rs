@@ -91,17 +91,15 @@ impl Starter {
     /// Starts the writer thread; `live` reads the router's state when it compacts.
     pub fn start(mut self, live: Box<dyn Live>) -> std::io::Result<()> {
         self.writer.live = Some(live);
-        let rewrite = self.rewrite;
+        if self.rewrite {
+            // Before anyone connects, so the next start finds a clean file.
+            if let Err(e) = self.writer.compact() {
+                tracing::warn!(file = %self.writer.path.display(), error = %e, "cannot rewrite the damaged file; it is read the same way next time");
+            }
+        }
         std::thread::Builder::new()
             .name("edgebus-store".into())
-            .spawn(move || {
-                if rewrite {
-                    if let Err(e) = self.writer.compact() {
-                        tracing::warn!(file = %self.writer.path.display(), error = %e, "cannot rewrite the damaged file; it is read the same way next time");
-                    }
-                }
-                self.writer.run()
-            })?;
+            .spawn(move || self.writer.run())?;
         Ok(())
     }
 }
@@ -152,15 +150,7 @@ impl Store {
             writer,
             rewrite: loaded.skipped_bytes > 0,
         };
-        Ok((
-            store,
-            Restored {
-                path,
-                loaded,
-                took,
-            },
-            starter,
-        ))
+        Ok((store, Restored { path, loaded, took }, starter))
     }
 
     /// Appends a change; returns its sequence number. The caller holds the lock that
