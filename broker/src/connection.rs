@@ -20,8 +20,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::protocol::{
-    self, ConnAck, ConnAckProperties, ConnectReturnCode, DisconnectReasonCode, LastWill,
-    LastWillProperties, Packet, PublishProperties,
+    self, ConnAck, ConnAckProperties, ConnectReturnCode, DisconnectReasonCode, LastWill, Packet,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
@@ -338,7 +337,7 @@ where
             _ => true,
         };
         if fire {
-            publish_will(&shared, &key, will, will_props, delay);
+            crate::will::publish(&shared, &key, will, will_props, delay);
         }
     }
 
@@ -386,44 +385,6 @@ fn connack(
     if let Err(End::Protocol(e)) = conn.encode(Packet::ConnAck(ack, props)) {
         warn!(error = %e, "cannot encode CONNACK");
     }
-}
-
-fn publish_will(
-    shared: &Arc<Shared>,
-    session: &str,
-    will: LastWill,
-    props: Option<LastWillProperties>,
-    delay_s: u32,
-) {
-    let props = props.map(|p| PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        topic_alias: None,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type,
-    });
-    let qos = will.qos as u8;
-    let publish = move |shared: &Shared| {
-        bump(&shared.stats.wills);
-        shared.publish(will.topic, will.message, qos, will.retain, props);
-    };
-    if delay_s == 0 {
-        publish(shared);
-        return;
-    }
-    let (generation, cancel) = shared.sessions.delay_will(session);
-    let shared = shared.clone();
-    let session = session.to_owned();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(u64::from(delay_s))) => publish(&shared),
-        }
-        shared.sessions.will_done(&session, generation);
-    });
 }
 
 /// Reads until a whole frame is buffered.

@@ -47,6 +47,7 @@ mod sessions;
 pub mod stats;
 mod store;
 mod strict;
+mod will;
 mod ws;
 
 use std::collections::VecDeque;
@@ -195,7 +196,8 @@ impl Shared {
 }
 
 /// Reads the store in `dir` back into the router (retained messages, then persistent
-/// sessions), says in one log line what came back, and starts the store's writer.
+/// sessions and their delayed wills), says in one log line what came back, and starts the
+/// store's writer. Runs inside the broker's runtime (the wills wait in tasks).
 fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std::io::Result<()> {
     let t0 = std::time::Instant::now();
     let (store, restored, starter) = store::Store::open(dir, window, shared.stats.clone())?;
@@ -207,7 +209,12 @@ fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std
     let (held, bytes) = shared.router.retained_count();
     shared.stats.retained.store(held as u64, Relaxed);
     shared.router.set_journal(store.clone());
-    let (sessions, queued) = shared.router.restore(l.sessions);
+    let mut images = l.sessions;
+    let wills: Vec<_> = images
+        .iter_mut()
+        .filter_map(|(key, image)| image.will.take().map(|(due, m)| (key.clone(), due, m)))
+        .collect();
+    let (sessions, queued) = shared.router.restore(images);
     shared
         .stats
         .sessions
@@ -240,6 +247,13 @@ fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std
     );
     starter.start(Box::new(LiveState(Arc::downgrade(shared))))?;
     let _ = shared.store.set(store);
+    let pending = wills.len();
+    for (key, due_ms, msg) in wills {
+        will::schedule(shared, key, msg, due_ms);
+    }
+    if pending > 0 {
+        info!(pending, "delayed wills scheduled again");
+    }
     Ok(())
 }
 
@@ -264,6 +278,13 @@ impl store::Live for LiveState {
         let mut out: Vec<store::Record> = all.into_iter().map(store::Record::Set).collect();
         let mut changes = Vec::new();
         shared.router.journaled(&mut changes);
+        // After their sessions: a will of a session the file does not hold is dropped.
+        for (key, due_ms, msg) in shared.sessions.pending_wills() {
+            changes.push((
+                Arc::from(key),
+                router::journal::Change::Will { due_ms, msg },
+            ));
+        }
         out.extend(
             changes
                 .into_iter()
@@ -352,6 +373,7 @@ impl Broker {
             shared.config.persistence.resolved_dir(),
             shared.config.persistence.sync,
         ) {
+            let _guard = runtime.enter();
             restore(&shared, &dir, window).map_err(|error| BrokerError::Persistence {
                 dir: dir.clone(),
                 error,

@@ -10,12 +10,23 @@
 //! that made it: the same client id under another user is another session, so no one ever
 //! resumes someone else's subscriptions or queued messages.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::router::message::Message;
+
+/// A delayed Last Will.
+struct PendingWill {
+    generation: u64,
+    cancel: CancellationToken,
+    due_ms: u64,
+    msg: Arc<Message>,
+}
 
 /// A live connection's entry.
 struct Live {
@@ -36,7 +47,8 @@ pub(crate) struct Claim {
 #[derive(Default)]
 pub(crate) struct Sessions {
     live: DashMap<String, Live>,
-    pending_wills: DashMap<String, (u64, CancellationToken)>,
+    /// Delayed wills by session key: generation, cancel token, when due and the message.
+    pending_wills: DashMap<String, PendingWill>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -69,11 +81,11 @@ impl Sessions {
                 None
             }
         };
-        if let Some((_, (_, will))) = self
+        if let Some((_, will)) = self
             .pending_wills
             .remove(&persistent_name(client_id, owner))
         {
-            will.cancel();
+            will.cancel.cancel();
         }
         if let Some(old) = old {
             old.kick.cancel();
@@ -97,26 +109,44 @@ impl Sessions {
             .remove_if(client_id, |_, l| l.generation == generation);
     }
 
-    /// Registers a delayed Last Will of the session `session` (its [`persistent_name`]);
-    /// returns its generation and the token that cancels it.
-    pub fn delay_will(&self, session: &str) -> (u64, CancellationToken) {
+    /// Registers a delayed Last Will `msg` of the session `session` (its
+    /// [`persistent_name`]), due at `due_ms`; returns its generation and the token that
+    /// cancels it.
+    pub fn delay_will(
+        &self,
+        session: &str,
+        due_ms: u64,
+        msg: Arc<Message>,
+    ) -> (u64, CancellationToken) {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = CancellationToken::new();
-        if let Some((_, old)) = self
-            .pending_wills
-            .insert(session.to_owned(), (generation, token.clone()))
-        {
-            old.cancel();
+        let cancel = CancellationToken::new();
+        let will = PendingWill {
+            generation,
+            cancel: cancel.clone(),
+            due_ms,
+            msg,
+        };
+        if let Some(old) = self.pending_wills.insert(session.to_owned(), will) {
+            old.cancel.cancel();
         }
-        (generation, token)
+        (generation, cancel)
     }
 
     /// Forgets a delayed will once it fired.
     pub fn will_done(&self, session: &str, generation: u64) {
         self.pending_wills
-            .remove_if(session, |_, (g, _)| *g == generation);
+            .remove_if(session, |_, w| w.generation == generation);
+    }
+
+    /// The delayed wills waiting: session key, when due, the message (for the store's
+    /// compaction).
+    pub fn pending_wills(&self) -> Vec<(String, u64, Arc<Message>)> {
+        self.pending_wills
+            .iter()
+            .map(|e| (e.key().clone(), e.due_ms, e.msg.clone()))
+            .collect()
     }
 
     /// Number of connections holding a client id.

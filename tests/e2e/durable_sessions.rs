@@ -67,17 +67,26 @@ impl Raw {
     /// Publishes `payloads` to `topic` at `qos`, all sent before any acknowledgement is
     /// read, and waits for every acknowledgement (PUBACK, or PUBREC, PUBREL, PUBCOMP).
     fn publish_all(&mut self, topic: &str, qos: u8, payloads: impl Iterator<Item = u32>) {
+        self.publish_padded(topic, qos, payloads, 0);
+    }
+
+    /// As [`Raw::publish_all`], each payload `n` followed by a space and `pad` bytes.
+    fn publish_padded(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        payloads: impl Iterator<Item = u32>,
+        pad: usize,
+    ) {
         let mut sent = 0;
         for (i, p) in payloads.enumerate() {
             let pkid = (i % 60_000) as u16 + 1;
-            let packet = pkt::publish(
-                true,
-                qos,
-                pkid,
-                topic.as_bytes(),
-                &[],
-                p.to_string().as_bytes(),
-            );
+            let mut payload = p.to_string();
+            if pad > 0 {
+                payload.push(' ');
+                payload.push_str(&"x".repeat(pad));
+            }
+            let packet = pkt::publish(true, qos, pkid, topic.as_bytes(), &[], payload.as_bytes());
             send(&mut self.0, &packet);
             sent += 1;
         }
@@ -362,4 +371,139 @@ fn the_state_file_sits_beside_the_saga_journal() {
     assert!(ok && out.trim() == "eco", "{out}");
     let (_, present) = Raw::connect(addr, "durable-watcher", 3600);
     assert!(present, "the persistent session is back");
+}
+
+/// Connects a persistent MQTT 5 session `id` whose Last Will (retained, on `w/{id}`) has the
+/// Will Delay Interval `delay`, and drops the connection without DISCONNECT.
+fn leave_with_delayed_will(addr: SocketAddr, id: &str, delay: u32) {
+    let mut s = raw(addr);
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut props = vec![0x11];
+    props.extend_from_slice(&3600u32.to_be_bytes());
+    let mut will_props = vec![0x18];
+    will_props.extend_from_slice(&delay.to_be_bytes());
+    let topic = format!("w/{id}");
+    let c = pkt::Connect {
+        v5: true,
+        client_id: id,
+        keep_alive: 60,
+        persistent: true,
+        props: &props,
+        will: Some((topic.as_bytes(), b"gone", true)),
+        will_props: &will_props,
+        ..Default::default()
+    };
+    send(&mut s, &c.bytes());
+    let (b1, body) = pkt::read(&mut s).expect("CONNACK");
+    assert_eq!((b1, body[1]), (0x20, 0), "accepted");
+}
+
+/// A delayed Last Will is stored with its session: one that fell due while the broker was
+/// down is published when it starts, one due later is published when due, and one whose
+/// client came back is cancelled.
+#[test]
+fn delayed_wills_survive_a_restart() {
+    let dir = TempDir::new("wills");
+    let state = dir.0.join("state");
+    let (b, _) = durable_broker(&dir, &state, "50ms");
+    let left = Instant::now();
+    for (id, delay) in [("early", 1), ("later", 5), ("back", 60)] {
+        leave_with_delayed_will(b.addr, id, delay);
+    }
+    // Each will is recorded once the broker has seen its connection close.
+    let file = state.join(STATE_FILE);
+    let deadline = Instant::now() + T;
+    let recorded = |d: &[u8]| {
+        [&b"w/early"[..], b"w/later", b"w/back"]
+            .iter()
+            .all(|t| d.windows(t.len()).any(|w| w == *t))
+    };
+    while !std::fs::read(&file).is_ok_and(|d| recorded(&d)) {
+        assert!(
+            Instant::now() < deadline,
+            "the wills never reached the file"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop(b, "KILL");
+    // `early` falls due while the broker is down.
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(left.elapsed()));
+    let (b, log) = durable_broker(&dir, &state, "50ms");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("delayed wills scheduled again")),
+        "{log:?}"
+    );
+    let port = b.port();
+    let sub = Sub::start(&port, &["-t", "w/#", "-v"]);
+    assert_eq!(
+        sub.next(T).as_deref(),
+        Some("w/early gone"),
+        "due while the broker was down: published when it started"
+    );
+    let (_, present) = Raw::connect(b.addr, "back", 3600);
+    assert!(present);
+    let later = sub.next(T);
+    assert_eq!(later.as_deref(), Some("w/later gone"));
+    assert!(
+        left.elapsed() >= Duration::from_secs(5),
+        "`later` came {:?} after its client left, before its 5 s delay",
+        left.elapsed()
+    );
+    assert_eq!(
+        sub.drain(Duration::from_millis(500)),
+        Vec::<String>::new(),
+        "the will of the session its client took back was cancelled"
+    );
+}
+
+/// Compaction rewrites the file from the router's sessions: 5,000 messages of 1 KiB through a
+/// connected persistent session grow the file past its bound and it is compacted; then 100
+/// messages queued while the subscriber is away survive a SIGKILL, and nothing else comes.
+#[test]
+fn a_compacted_file_keeps_the_sessions() {
+    let dir = TempDir::new("compact");
+    let state = dir.0.join("state");
+    let (b, _) = durable_broker(&dir, &state, "5ms");
+    let addr = b.addr;
+    let (mut sub, _) = Raw::connect(addr, "steady", 3600);
+    sub.subscribe("c/#", 1);
+    let feeder = std::thread::spawn(move || {
+        let (mut p, _) = Raw::connect(addr, "bulk", 0);
+        p.publish_padded("c/bulk", 1, 1..=5000, 1024);
+    });
+    let mut rels = Vec::new();
+    for n in 1..=5000u32 {
+        let g = sub.next_publish(&mut rels);
+        assert!(g.payload.starts_with(&format!("{n} ")), "in order");
+        sub.ack(0x40, g.pkid);
+    }
+    feeder.join().expect("feeder");
+    send(&mut sub.0, &[0xc0, 0]);
+    pkt::read_kind(&mut sub.0, 13).expect("PINGRESP");
+    b.proc.expect_line("state file compacted", T);
+    drop(sub);
+    let (mut p, _) = Raw::connect(addr, "bulk", 0);
+    p.publish_all("c/tail", 1, 1..=100);
+    stop(b, "KILL");
+    let (b, log) = durable_broker(&dir, &state, "5ms");
+    let restored = line(&log, "restored");
+    assert!(
+        restored.contains("1 sessions (100 queued messages)"),
+        "{restored}"
+    );
+    let (mut sub, present) = Raw::connect(b.addr, "steady", 3600);
+    assert!(present);
+    let got: Vec<String> = (0..100)
+        .map(|_| sub.next_publish(&mut rels).payload)
+        .collect();
+    let want: Vec<String> = (1..=100).map(|n| n.to_string()).collect();
+    assert_eq!(got, want);
+    sub.0
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    assert!(
+        pkt::read(&mut sub.0).is_none(),
+        "nothing acknowledged comes back"
+    );
 }

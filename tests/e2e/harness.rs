@@ -546,6 +546,8 @@ pub mod packet {
         pub persistent: bool,
         /// Will topic and payload, and whether it is retained.
         pub will: Option<(&'a [u8], &'a [u8], bool)>,
+        /// Will properties (MQTT 5), as bytes.
+        pub will_props: &'a [u8],
         pub username: Option<&'a str>,
         pub password: Option<&'a str>,
         /// CONNECT properties (MQTT 5), as bytes.
@@ -579,7 +581,7 @@ pub mod packet {
             body.extend(field(self.client_id.as_bytes()));
             if let Some((topic, payload, _)) = self.will {
                 if self.v5 {
-                    body.push(0);
+                    body.extend(props(self.will_props));
                 }
                 body.extend(field(topic));
                 body.extend(field(payload));

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::message::Message;
 use super::session::{Queued, SubOptions};
 
 /// One change of a persistent session.
@@ -51,6 +52,10 @@ pub(crate) enum Change {
     Incoming { pkid: u16 },
     /// That PUBREL came.
     IncomingDone { pkid: u16 },
+    /// The session's Last Will waits for its delay, until `due_ms` (Unix milliseconds).
+    Will { due_ms: u64, msg: Arc<Message> },
+    /// That will was published, or cancelled by a client taking the session again.
+    WillDone,
 }
 
 /// Where a journaled session's changes go: the store.
@@ -85,6 +90,8 @@ pub(crate) struct Image {
     pub incoming: BTreeSet<u16>,
     /// The highest message number seen.
     pub last_n: u64,
+    /// Its delayed Last Will, and when it is due (Unix milliseconds).
+    pub will: Option<(u64, Arc<Message>)>,
 }
 
 impl Image {
@@ -140,6 +147,8 @@ impl Image {
             Change::IncomingDone { pkid } => {
                 image.incoming.remove(&pkid);
             }
+            Change::Will { due_ms, msg } => image.will = Some((due_ms, msg)),
+            Change::WillDone => image.will = None,
         }
     }
 

@@ -47,6 +47,8 @@ const RELEASED: u8 = 9;
 const DONE: u8 = 10;
 const INCOMING: u8 = 11;
 const INCOMING_DONE: u8 = 12;
+const WILL: u8 = 13;
+const WILL_DONE: u8 = 14;
 
 /// One change of stored state.
 #[derive(Debug, Clone)]
@@ -164,6 +166,8 @@ fn put_change(out: &mut Vec<u8>, key: &str, change: &Change) {
         Change::Done { .. } => DONE,
         Change::Incoming { .. } => INCOMING,
         Change::IncomingDone { .. } => INCOMING_DONE,
+        Change::Will { .. } => WILL,
+        Change::WillDone => WILL_DONE,
     };
     out.push(kind);
     put_str(out, key.as_bytes());
@@ -207,6 +211,11 @@ fn put_change(out: &mut Vec<u8>, key: &str, change: &Change) {
         Change::Incoming { pkid } | Change::IncomingDone { pkid } => {
             out.extend_from_slice(&pkid.to_le_bytes())
         }
+        Change::Will { due_ms, msg } => {
+            out.extend_from_slice(&due_ms.to_le_bytes());
+            put_message(out, msg);
+        }
+        Change::WillDone => {}
     }
 }
 
@@ -266,6 +275,11 @@ fn get_change(kind: u8, f: &mut Fields<'_>, now: Instant, now_ms: u64) -> Option
         DONE => Change::Done { n: f.u64()? },
         INCOMING => Change::Incoming { pkid: f.u16()? },
         INCOMING_DONE => Change::IncomingDone { pkid: f.u16()? },
+        WILL => Change::Will {
+            due_ms: f.u64()?,
+            msg: Arc::new(get_message(f.0, now, now_ms)?),
+        },
+        WILL_DONE => Change::WillDone,
         _ => return None,
     })
 }
