@@ -1,8 +1,9 @@
 //! Durable state, side by side: brokers started here with their state on disk (edgebus with
 //! `[broker.persistence]`, mosquitto with `persistence true`), measured on what their users
 //! count on: retained updates per second and the bytes each costs the storage, what an
-//! acknowledgement is worth after SIGKILL, and how long a restart takes with 100,000
-//! retained messages.
+//! acknowledgement is worth after SIGKILL (for retained messages and for messages queued for
+//! an offline persistent session), and how long a restart takes with 100,000 retained
+//! messages.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -126,17 +127,28 @@ fn storage_writes(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("no write_bytes for {pid}"))
 }
 
-/// Publishes `n` retained QoS 1 messages (`payload` bytes each, over `topics` topics), at
-/// most `inflight` unacknowledged; returns how many were acknowledged (PUBACKs come in the
-/// order of their PUBLISHes, so also the value of the last one) and the time, once all are
-/// acknowledged or the connection fails.
-async fn publish_retained(
-    addr: SocketAddr,
+/// What [`publish_qos1`] sends: `n` QoS 1 messages of `payload` bytes over `topics` topics
+/// (`persist/0`, …), retained or not, at most `inflight` unacknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Load {
     n: usize,
     topics: usize,
     payload: usize,
     inflight: u16,
-) -> (usize, Duration) {
+    retain: bool,
+}
+
+/// Publishes `load`; returns how many were acknowledged (PUBACKs come in the order of their
+/// PUBLISHes, so also the value of the last one) and the time, once all are acknowledged or
+/// the connection fails.
+async fn publish_qos1(addr: SocketAddr, load: Load) -> (usize, Duration) {
+    let Load {
+        n,
+        topics,
+        payload,
+        inflight,
+        retain,
+    } = load;
     let mut o = MqttOptions::new(
         format!("persist-{}", run_id()),
         addr.ip().to_string(),
@@ -154,7 +166,7 @@ async fn publish_retained(
             let mut body = format!("{:08}", i + 1).into_bytes();
             body.resize(payload.max(8), b'x');
             let topic = format!("persist/{}", i % topics.max(1));
-            if c.publish(topic, QoS::AtLeastOnce, true, body)
+            if c.publish(topic, QoS::AtLeastOnce, retain, body)
                 .await
                 .is_err()
             {
@@ -183,7 +195,14 @@ async fn updates(kind: Kind, dir: &Path, n: usize) -> anyhow::Result<Figure> {
     let b = start(kind, dir)?;
     let pid = b.child.0.id();
     let before = storage_writes(pid)?;
-    let (acked, took) = publish_retained(b.addr, n, 100, 64, 32).await;
+    let load = Load {
+        n,
+        topics: 100,
+        payload: 64,
+        inflight: 32,
+        retain: true,
+    };
+    let (acked, took) = publish_qos1(b.addr, load).await;
     // What a broker writes a moment later (a commit window) is the updates' too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let written = storage_writes(pid)? - before;
@@ -212,7 +231,14 @@ async fn loss_after_sigkill(kind: Kind, dir: &Path, run: Duration) -> anyhow::Re
         tokio::time::sleep(run).await;
         let _ = signal(pid, "KILL");
     });
-    let (acked, _) = publish_retained(addr, 10_000_000, 1, 16, 32).await;
+    let load = Load {
+        n: 10_000_000,
+        topics: 1,
+        payload: 16,
+        inflight: 32,
+        retain: true,
+    };
+    let (acked, _) = publish_qos1(addr, load).await;
     let _ = killer.await;
     drop(b);
     let b = start(kind, dir)?;
@@ -243,7 +269,14 @@ async fn loss_after_sigkill(kind: Kind, dir: &Path, run: Duration) -> anyhow::Re
 /// by a clean stop), and how many a `#` subscriber then gets.
 async fn restart_time(kind: Kind, dir: &Path, count: usize) -> anyhow::Result<Figure> {
     let b = start(kind, dir)?;
-    let (acked, _) = publish_retained(b.addr, count, count, 64, 256).await;
+    let load = Load {
+        n: count,
+        topics: count,
+        payload: 64,
+        inflight: 256,
+        retain: true,
+    };
+    let (acked, _) = publish_qos1(b.addr, load).await;
     if acked < count {
         bail!("{acked}/{count} retained messages stored");
     }
@@ -277,8 +310,89 @@ async fn restart_time(kind: Kind, dir: &Path, count: usize) -> anyhow::Result<Fi
     )
 }
 
+/// A persistent (clean session 0) MQTT 3.1.1 session `id` subscribed to `persist/#` at
+/// QoS 1; with `count`, counts what it gets (up to `count`) once connected.
+async fn persistent_session(
+    addr: SocketAddr,
+    id: &str,
+    count: Option<usize>,
+) -> anyhow::Result<usize> {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(false);
+    let (c, mut el) = AsyncClient::new(o, 64);
+    if count.is_none() {
+        c.subscribe("persist/#", QoS::AtLeastOnce).await?;
+    }
+    let mut got = 0usize;
+    let want = count.unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // At most 2 s without a message once counting: what did not come is lost.
+        let quiet = if count.is_some() {
+            left.min(Duration::from_secs(2))
+        } else {
+            left
+        };
+        match tokio::time::timeout(quiet, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if count.is_none() => {
+                c.disconnect().await?;
+            }
+            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) if count.is_none() => return Ok(0),
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                got += 1;
+                if got >= want {
+                    break;
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if count.is_none() => bail!("persistent subscriber: {e}"),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    Ok(got)
+}
+
+/// QoS 1 messages queued for an offline persistent session: the rate they are accepted at
+/// (one publisher, 32 in flight) and the bytes written per message; then SIGKILL, restart,
+/// and how many acknowledged ones the session gets back.
+async fn queued_loss(kind: Kind, dir: &Path, n: usize) -> anyhow::Result<Figure> {
+    let b = start(kind, dir)?;
+    let id = format!("offline-{}", run_id());
+    persistent_session(b.addr, &id, None).await?;
+    let pid = b.child.0.id();
+    let before = storage_writes(pid)?;
+    let load = Load {
+        n,
+        topics: 1,
+        payload: 64,
+        inflight: 32,
+        retain: false,
+    };
+    let (acked, took) = publish_qos1(b.addr, load).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let written = storage_writes(pid)? - before;
+    signal(pid, "KILL")?;
+    let mut b = b;
+    let _ = b.child.0.wait();
+    drop(b);
+    let b = start(kind, dir)?;
+    let got = persistent_session(b.addr, &id, Some(acked)).await?;
+    let lost = acked.saturating_sub(got);
+    let rate = acked as f64 / took.as_secs_f64();
+    let per = written as f64 / acked.max(1) as f64;
+    Ok(Figure::new(
+        lost as f64,
+        format!(
+            "{lost} of {acked} lost; queued at {rate:.0}/s, {per:.0} B written per 64 B message"
+        ),
+    )
+    .delivered(got as u64, acked as u64))
+}
+
 /// The rows of the group, in order: name, which way is better, and the goal.
-pub fn rows(updates_n: usize) -> [(String, Better, Option<Goal>); 3] {
+pub fn rows(updates_n: usize) -> [(String, Better, Option<Goal>); 4] {
     [
         (
             format!("retained QoS 1 updates/s, persistence on, {updates_n} over 100 topics"),
@@ -294,6 +408,14 @@ pub fn rows(updates_n: usize) -> [(String, Better, Option<Goal>); 3] {
             "restart with 100,000 retained messages, to first CONNACK (ms)".to_owned(),
             Better::Lower,
             None,
+        ),
+        (
+            format!(
+                "acknowledged QoS 1 messages lost to SIGKILL, {updates_n} queued for an \
+                 offline persistent session"
+            ),
+            Better::Lower,
+            Some(Goal::AtMost(0.0)),
         ),
     ]
 }
@@ -313,6 +435,7 @@ pub async fn run(kind: Kind, updates_n: usize) -> Vec<anyhow::Result<Figure>> {
         updates(kind, &base.join("updates"), updates_n).await,
         loss_after_sigkill(kind, &base.join("loss"), Duration::from_secs(2)).await,
         restart_time(kind, &base.join("restart"), 100_000).await,
+        queued_loss(kind, &base.join("queued"), updates_n).await,
     ];
     let _ = std::fs::remove_dir_all(&base);
     figures
