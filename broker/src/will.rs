@@ -76,7 +76,7 @@ pub(crate) fn schedule(shared: &Arc<Shared>, key: Arc<str>, msg: Arc<Message>, d
         }
         shared.sessions.will_done(&key, generation);
         if let Some(store) = shared.store.get() {
-            store.record(&key, Change::WillDone);
+            store.record(&key, Change::WillDone { due_ms });
         }
     });
 }

@@ -54,8 +54,9 @@ pub(crate) enum Change {
     IncomingDone { pkid: u16 },
     /// The session's Last Will waits for its delay, until `due_ms` (Unix milliseconds).
     Will { due_ms: u64, msg: Arc<Message> },
-    /// That will was published, or cancelled by a client taking the session again.
-    WillDone,
+    /// The will due at `due_ms` was published, or cancelled by a client taking the session
+    /// again (a later will of the session is not touched).
+    WillDone { due_ms: u64 },
 }
 
 /// Where a journaled session's changes go: the store.
@@ -148,7 +149,11 @@ impl Image {
                 image.incoming.remove(&pkid);
             }
             Change::Will { due_ms, msg } => image.will = Some((due_ms, msg)),
-            Change::WillDone => image.will = None,
+            Change::WillDone { due_ms } => {
+                if image.will.as_ref().is_some_and(|(due, _)| *due == due_ms) {
+                    image.will = None;
+                }
+            }
         }
     }
 
@@ -177,7 +182,33 @@ pub(crate) fn pkid_of(n: u64) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::pkid_of;
+    use super::*;
+
+    #[test]
+    fn a_late_will_done_leaves_a_newer_will() {
+        let key: Arc<str> = Arc::from("k");
+        let msg = Arc::new(Message::for_test("w", b"gone"));
+        let mut images = HashMap::new();
+        let open = Change::Open {
+            client_id: "c".into(),
+            owner: None,
+            expiry_secs: 60,
+        };
+        for c in [
+            open,
+            Change::Will {
+                due_ms: 5,
+                msg: msg.clone(),
+            },
+            Change::Will { due_ms: 9, msg },
+            Change::WillDone { due_ms: 5 },
+        ] {
+            Image::apply(&mut images, key.clone(), c);
+        }
+        assert_eq!(images[&key].will.as_ref().map(|w| w.0), Some(9));
+        Image::apply(&mut images, key.clone(), Change::WillDone { due_ms: 9 });
+        assert!(images[&key].will.is_none());
+    }
 
     #[test]
     fn packet_ids_cycle_through_every_valid_one() {

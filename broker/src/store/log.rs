@@ -167,7 +167,7 @@ fn put_change(out: &mut Vec<u8>, key: &str, change: &Change) {
         Change::Incoming { .. } => INCOMING,
         Change::IncomingDone { .. } => INCOMING_DONE,
         Change::Will { .. } => WILL,
-        Change::WillDone => WILL_DONE,
+        Change::WillDone { .. } => WILL_DONE,
     };
     out.push(kind);
     put_str(out, key.as_bytes());
@@ -215,7 +215,7 @@ fn put_change(out: &mut Vec<u8>, key: &str, change: &Change) {
             out.extend_from_slice(&due_ms.to_le_bytes());
             put_message(out, msg);
         }
-        Change::WillDone => {}
+        Change::WillDone { due_ms } => out.extend_from_slice(&due_ms.to_le_bytes()),
     }
 }
 
@@ -279,7 +279,7 @@ fn get_change(kind: u8, f: &mut Fields<'_>, now: Instant, now_ms: u64) -> Option
             due_ms: f.u64()?,
             msg: Arc::new(get_message(f.0, now, now_ms)?),
         },
-        WILL_DONE => Change::WillDone,
+        WILL_DONE => Change::WillDone { due_ms: f.u64()? },
         _ => return None,
     })
 }

@@ -244,6 +244,10 @@ impl Writer {
 
     /// Rewrites the file with the live state once it holds more than twice it.
     fn compact_if_due(&mut self) -> std::io::Result<()> {
+        // Below the slack nothing is due, whatever is live: the router is not asked.
+        if self.file_bytes <= COMPACT_SLACK {
+            return Ok(());
+        }
         let live = self.live.as_ref().map_or(0, |l| l.bytes());
         if self.file_bytes <= 2 * live + COMPACT_SLACK {
             return Ok(());
