@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,10 +213,7 @@ where
         shared
             .router
             .open(&key, &client_id, user.as_deref(), connect.clean_session);
-    shared
-        .stats
-        .sessions
-        .store(shared.router.session_count() as u64, Relaxed);
+    shared.count_sessions();
     // The keep-alive that applies: the client's, unless above `max_keepalive` (or none at
     // all while there is a maximum); MQTT 5 clients are told in the CONNACK [MQTT-3.2.2-21].
     let max_ka = cfg.max_keepalive;
@@ -348,10 +344,7 @@ where
         attachment,
         Duration::from_secs(u64::from(expiry)),
     );
-    shared
-        .stats
-        .sessions
-        .store(shared.router.session_count() as u64, Relaxed);
+    shared.count_sessions();
     shared.sessions.release(&client_id, claim.generation);
     drop(claim.done);
 }

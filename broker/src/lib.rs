@@ -148,6 +148,14 @@ impl Shared {
         seq
     }
 
+    /// Refreshes the stats' counts of sessions and subscriptions held.
+    fn count_sessions(&self) {
+        let sessions = self.router.session_count() as u64;
+        self.stats.sessions.store(sessions, Relaxed);
+        let filters = self.router.subscription_count() as u64;
+        self.stats.filters.store(filters, Relaxed);
+    }
+
     /// Publishes a message of the broker's own (stats, lag reports, Last Wills): queued
     /// where there is room, dropped and counted where there is not; it never waits.
     fn publish(
@@ -215,14 +223,7 @@ fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std
         .filter_map(|(key, image)| image.will.take().map(|(due, m)| (key.clone(), due, m)))
         .collect();
     let (sessions, queued) = shared.router.restore(images);
-    shared
-        .stats
-        .sessions
-        .store(shared.router.session_count() as u64, Relaxed);
-    shared
-        .stats
-        .filters
-        .store(shared.router.subscription_count() as u64, Relaxed);
+    shared.count_sessions();
     if l.skipped_bytes > 0 {
         warn!(
             file = %restored.path.display(),
@@ -471,14 +472,7 @@ fn expire_sessions(shared: &Shared) {
     let n = shared.router.expire(std::time::Instant::now());
     if n > 0 {
         info!(sessions = n, "offline sessions expired");
-        shared
-            .stats
-            .sessions
-            .store(shared.router.session_count() as u64, Relaxed);
-        shared
-            .stats
-            .filters
-            .store(shared.router.subscription_count() as u64, Relaxed);
+        shared.count_sessions();
     }
 }
 
