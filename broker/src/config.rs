@@ -21,6 +21,8 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Optional MQTT-over-WebSocket listener (3.1.1 and 5, subprotocol `mqtt`).
     pub websocket: Option<SocketAddr>,
+    /// Optional MQTT-over-TLS listener (`[broker.tls]`).
+    pub tls: Option<TlsConfig>,
     /// Most client connections open at once; the next one gets a CONNACK refusal.
     pub max_connections: usize,
     /// Most connections one authenticated user holds at once.
@@ -75,8 +77,24 @@ pub struct BrokerConfig {
     pub persistence: PersistenceConfig,
 }
 
-/// `[broker.persistence]`: the retained messages kept on disk, so that a restart, a crash or
-/// a power cut loses none the broker acknowledged.
+/// `[broker.tls]`: MQTT over TLS (1.2 and 1.3 only), with client certificates if asked.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The TLS listener, e.g. `0.0.0.0:8883`.
+    pub listen: SocketAddr,
+    /// The server's certificate chain (PEM), read again on SIGHUP and when it changes.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; set, every client on
+    /// this listener must present one (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[broker.persistence]`: the retained messages and persistent sessions kept on disk, so
+/// that a restart, a crash or a power cut loses nothing the broker acknowledged.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PersistenceConfig {
@@ -86,8 +104,9 @@ pub struct PersistenceConfig {
     pub dir: Option<PathBuf>,
     /// The commit window: at most one `fdatasync` per window. A change after a quiet spell
     /// is written at once; changes within the window are gathered and written when it ends
-    /// (or once 16 are waiting). A QoS 1/2 PUBLISH that changes a retained message is
-    /// acknowledged once its commit is on disk. `"none"`: RAM only, whatever `dir` says.
+    /// (or once 16 are waiting). A QoS 1/2 PUBLISH that changes a retained message, or is
+    /// queued for a persistent session, is acknowledged once its commit is on disk.
+    /// `"none"`: RAM only, whatever `dir` says.
     #[serde(with = "sync_window")]
     pub sync: Option<Duration>,
 }
@@ -150,6 +169,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             websocket: None,
+            tls: None,
             max_connections: 1024,
             max_connections_per_user: 256,
             max_connections_per_address: 64,

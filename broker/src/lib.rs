@@ -47,6 +47,7 @@ mod sessions;
 pub mod stats;
 mod store;
 mod strict;
+mod tls;
 mod will;
 mod ws;
 
@@ -64,6 +65,7 @@ use tracing::{info, warn};
 
 pub use config::{BrokerConfig, ByteSize};
 pub use stats::{set_heap_trimmer, Stats, StatsSnapshot};
+pub use tls::TlsError;
 
 use router::message::Message;
 use router::session::{Bounds, Full, Queued, Session};
@@ -89,6 +91,9 @@ pub enum BrokerError {
     /// The runtime or the router could not start.
     #[error("cannot start the broker: {0}")]
     Start(String),
+    /// The TLS listener's certificate, key or client CA could not be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     /// The persistence directory could not be read or written.
     #[error("persistence: {}: {error}", dir.display())]
     Persistence {
@@ -118,6 +123,8 @@ pub(crate) struct Shared {
     /// Topics under the broker's own system topic (`edge/system/broker/`): republished at
     /// every start, never written to disk.
     volatile: Option<String>,
+    /// The TLS listener's certificate and key, when there is one.
+    tls: Option<tls::Tls>,
 }
 
 impl Shared {
@@ -244,16 +251,13 @@ fn restore(shared: &Arc<Shared>, dir: &std::path::Path, window: Duration) -> std
         file_bytes = l.file_bytes,
         read_ms = restored.took.as_millis() as u64,
         took_ms = took,
-        "restored {held} retained messages and {sessions} sessions ({queued} queued messages) in {took} ms"
+        "restored {held} retained messages and {sessions} sessions ({queued} queued messages, {wills} delayed wills) in {took} ms",
+        wills = wills.len()
     );
     starter.start(Box::new(LiveState(Arc::downgrade(shared))))?;
     let _ = shared.store.set(store);
-    let pending = wills.len();
     for (key, due_ms, msg) in wills {
         will::schedule(shared, key, msg, due_ms);
-    }
-    if pending > 0 {
-        info!(pending, "delayed wills scheduled again");
     }
     Ok(())
 }
@@ -332,6 +336,9 @@ impl Broker {
         };
         let tcp = bind(config.listen)?;
         let ws = config.websocket.map(bind).transpose()?;
+        let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
+        let tls_listener = config.tls.as_ref().map(|t| bind(t.listen)).transpose()?;
+        let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
         let local_addr = tcp
             .local_addr()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -366,6 +373,7 @@ impl Broker {
                 refusals: Default::default(),
                 store: Default::default(),
                 volatile: system_topic.as_ref().map(|t| format!("{t}/")),
+                tls,
                 config,
             })
         };
@@ -401,7 +409,25 @@ impl Broker {
                     tracker.clone(),
                 ));
             }
+            if let Some(l) = tls_listener {
+                let l = tokio::net::TcpListener::from_std(l)
+                    .map_err(|e| BrokerError::Start(e.to_string()))?;
+                tracker.spawn(listener::accept_loop(
+                    l,
+                    listener::Kind::Tls,
+                    shared.clone(),
+                    tracker.clone(),
+                ));
+            }
             let second = Duration::from_secs(1);
+            if shared.tls.is_some() {
+                // A renewed certificate is taken up within 5 s, without a restart.
+                tracker.spawn(every(shared.clone(), second * 5, |s| {
+                    if let Some(t) = &s.tls {
+                        t.reload_if_changed();
+                    }
+                }));
+            }
             tracker.spawn(every(shared.clone(), second * 2, trim_when_quiet()));
             tracker.spawn(every(shared.clone(), second, expire_sessions));
             if let Some(topic) = system_topic
@@ -419,11 +445,12 @@ impl Broker {
                 report_lag(s, lag.as_ref())
             }));
         }
-        info!(%local_addr, websocket = ?ws_addr, "broker listening (MQTT 3.1.1 and 5)");
+        info!(%local_addr, websocket = ?ws_addr, tls = ?tls_addr, "broker listening (MQTT 3.1.1 and 5)");
         Ok(BrokerHandle {
             runtime: Some(runtime),
             local_addr,
             ws_addr,
+            tls_addr,
             shutdown,
             tracker,
             stats,
@@ -577,6 +604,7 @@ pub struct BrokerHandle {
     runtime: Option<tokio::runtime::Runtime>,
     local_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stats: Arc<Stats>,
@@ -642,6 +670,21 @@ impl BrokerHandle {
     /// The WebSocket listener's address, if one is configured.
     pub fn websocket_addr(&self) -> Option<SocketAddr> {
         self.ws_addr
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Reads the TLS certificate, key and client CA again (SIGHUP): new connections get
+    /// them, connections already made keep going. On failure the ones before stay. Nothing
+    /// to do without a TLS listener.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.shared.tls {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The broker's counters now.

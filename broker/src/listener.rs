@@ -17,6 +17,8 @@ pub(crate) enum Kind {
     Tcp,
     /// MQTT over WebSocket.
     WebSocket,
+    /// MQTT over TLS.
+    Tls,
 }
 
 pub(crate) async fn accept_loop(
@@ -53,6 +55,9 @@ pub(crate) async fn accept_loop(
             }
             Kind::WebSocket => {
                 tracker.spawn(crate::ws::serve(stream, local, peer, shared));
+            }
+            Kind::Tls => {
+                tracker.spawn(crate::tls::serve(stream, local, peer, shared));
             }
         }
     }

@@ -12,6 +12,12 @@ pub struct BusConfig {
     pub prefix: String,
     /// Broker the services connect to, as `host:port`.
     pub broker: String,
+    /// Username the bus's parts, services and `edgebus call` connect with
+    /// (`EDGEBUS_USERNAME` overrides it).
+    pub username: Option<String>,
+    /// File holding their password, never the password itself (`EDGEBUS_PASSWORD_FILE`,
+    /// `EDGEBUS_PASSWORD` and, under systemd, the credential `edgebus-password` override it).
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for BusConfig {
@@ -19,6 +25,8 @@ impl Default for BusConfig {
         BusConfig {
             prefix: "edge".into(),
             broker: "127.0.0.1:1883".into(),
+            username: None,
+            password_file: None,
         }
     }
 }

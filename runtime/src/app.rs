@@ -58,7 +58,7 @@ impl ServiceBuilder {
     pub async fn run(self) -> Result<(), StartError> {
         let env = Environment::load()?;
         let name = self.name().to_owned();
-        let bus = Bus::connect(env.bus_options(&name))?;
+        let bus = Bus::connect(env.bus_options(&name)?)?;
         let builder = if self.has_contract() {
             self
         } else {

@@ -1,6 +1,6 @@
 //! Where a service connects, from the environment: `EDGEBUS_CONFIG` (a topics.toml, of
-//! which a service reads `[bus]` and its `[[service]]` contract), `EDGEBUS_BROKER` and
-//! `EDGEBUS_INSTANCE`.
+//! which a service reads `[bus]` and its `[[service]]` contract), `EDGEBUS_BROKER`,
+//! `EDGEBUS_INSTANCE`, and who it connects as ([`credentials`]).
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,54 @@ impl BusOptions {
     /// `EDGEBUS_INSTANCE`, and `[bus]` of the topics.toml `EDGEBUS_CONFIG` names (see
     /// [`Environment`]).
     pub fn from_env(service: &str) -> Result<BusOptions, ConfigError> {
-        Ok(Environment::load()?.bus_options(service))
+        Environment::load()?.bus_options(service)
+    }
+}
+
+/// The credential systemd hands a unit with `LoadCredential=edgebus-password:FILE`.
+pub const CREDENTIAL: &str = "edgebus-password";
+
+/// Who the bus's parts, services and `edgebus call` connect as: the username from
+/// `EDGEBUS_USERNAME`, else `[bus] username`; the password from `EDGEBUS_PASSWORD`, else the
+/// file `EDGEBUS_PASSWORD_FILE` names, else the systemd credential `edgebus-password` (in
+/// `$CREDENTIALS_DIRECTORY`), else the file `[bus] password_file` names. A password is never
+/// taken from the command line (other users can read it there). A file's trailing line end
+/// is not part of the password; an empty file means none. None when neither is set.
+pub fn credentials(bus: &BusConfig) -> Result<Option<(String, String)>, ConfigError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let user = var("EDGEBUS_USERNAME").or_else(|| bus.username.clone());
+    let read = |path: PathBuf, from: &str| {
+        std::fs::read_to_string(&path)
+            .map(|p| p.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| ConfigError {
+                file: path,
+                message: format!("cannot read the bus password ({from}): {e}"),
+            })
+    };
+    let systemd = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|d| PathBuf::from(d).join(CREDENTIAL))
+        .filter(|p| p.exists());
+    let password = if let Some(p) = var("EDGEBUS_PASSWORD") {
+        Some(p)
+    } else if let Some(f) = var("EDGEBUS_PASSWORD_FILE") {
+        Some(read(PathBuf::from(f), "EDGEBUS_PASSWORD_FILE")?)
+    } else if let Some(f) = systemd {
+        Some(read(f, "the systemd credential edgebus-password")?)
+    } else if let Some(f) = &bus.password_file {
+        Some(read(f.clone(), "[bus] password_file")?)
+    } else {
+        None
+    };
+    let password = password.filter(|p| !p.is_empty());
+    match (user, password) {
+        (None, None) => Ok(None),
+        (Some(u), p) => Ok(Some((u, p.unwrap_or_default()))),
+        (None, Some(_)) => Err(ConfigError {
+            file: PathBuf::from("EDGEBUS_USERNAME"),
+            message: "a bus password is set but no username (set EDGEBUS_USERNAME or \
+                      [bus] username)"
+                .into(),
+        }),
     }
 }
 
@@ -91,19 +138,21 @@ impl Environment {
         Ok(env)
     }
 
-    /// Options for an instance of `service`: this environment's broker and prefix, and the
-    /// instance id `EDGEBUS_INSTANCE` (made up when unset; the systemd template unit sets
-    /// it, so that an instance keeps its id across restarts).
-    pub fn bus_options(&self, service: &str) -> BusOptions {
+    /// Options for an instance of `service`: this environment's broker and prefix, its
+    /// [`credentials`], and the instance id `EDGEBUS_INSTANCE` (made up when unset; the
+    /// systemd template unit sets it, so that an instance keeps its id across restarts).
+    pub fn bus_options(&self, service: &str) -> Result<BusOptions, ConfigError> {
         let instance = std::env::var("EDGEBUS_INSTANCE")
             .ok()
             .filter(|i| !i.is_empty());
-        BusOptions::for_service(
+        let mut o = BusOptions::for_service(
             self.bus.broker.clone(),
             self.bus.prefix.clone(),
             service,
             instance,
-        )
+        );
+        o.credentials = credentials(&self.bus)?;
+        Ok(o)
     }
 }
 

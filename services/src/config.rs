@@ -105,7 +105,8 @@ impl TopicsFile {
     }
 
     /// Reads and validates a topics.toml, then checks what the parts would otherwise refuse
-    /// only when they start: the password file (read and parsed as the broker does) and, when
+    /// only when they start: the bus's password (read as the parts read it), the password
+    /// file (read and parsed as the broker does) and, when
     /// sagas are declared, the journal's directory. `edgebus check-config` runs this, so a unit's
     /// `ExecStartPre=` catches every refusal before the part runs.
     pub fn load_checked(path: &Path) -> Result<TopicsFile, ConfigError> {
@@ -118,6 +119,16 @@ impl TopicsFile {
     /// The start-time checks of [`TopicsFile::load_checked`], on a parsed file; `text` is
     /// its source, for line numbers.
     pub fn check_startable(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        // The bus's password, as each part reads it (the environment and a systemd
+        // credential first).
+        if let Err(e) = edgebus_runtime::env::credentials(&self.bus) {
+            return Err(ConfigError {
+                file: path.to_owned(),
+                line: find_key(text, "bus", "password_file"),
+                key: Some("bus.password_file".into()),
+                message: e.to_string(),
+            });
+        }
         if let Some(pw) = &self.broker.auth.password_file {
             if let Err(e) = edgebus_broker::auth::PasswordFile::load(pw) {
                 return Err(ConfigError {

@@ -15,3 +15,4 @@ mod presence;
 mod readme;
 mod runtime;
 mod saga;
+mod security;

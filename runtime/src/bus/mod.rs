@@ -472,6 +472,21 @@ mod tests {
         assert!(!shown.contains("s3cret-pw"), "{shown}");
     }
 
+    /// Two instances started without an id never share one: 64 random bits each, where
+    /// 16 let two instances take over each other's connection.
+    #[test]
+    fn made_up_instance_ids_carry_64_random_bits() {
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| BusOptions::for_service("127.0.0.1:1", "edge", "svc", None).client_id)
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let hex = id.strip_prefix("svc-").expect("svc-…");
+            assert_eq!(hex.len(), 16, "{id}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+    }
+
     #[test]
     fn random_values_differ() {
         let a: std::collections::HashSet<u64> = (0..1000).map(|_| random_u64()).collect();

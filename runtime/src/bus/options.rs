@@ -129,8 +129,7 @@ impl BusOptions {
         instance: Option<String>,
     ) -> BusOptions {
         let prefix = prefix.into();
-        let instance =
-            instance.unwrap_or_else(|| format!("{service}-{:04x}", random_u64() & 0xffff));
+        let instance = instance.unwrap_or_else(|| format!("{service}-{:016x}", random_u64()));
         let tree = Tree::new(&prefix);
         let mut o = BusOptions::new(broker, instance.clone()).prefix(prefix.clone());
         o.reply_topic = Some(tree.reply(&instance));

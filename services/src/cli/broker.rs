@@ -36,7 +36,21 @@ where
             .probe("broker", Box::new(move |budget| prober.probe(budget)))
             .status(move || broker_status(addr, &counters.snapshot()))
             .ready();
-        stop().await;
+        // SIGHUP reads the TLS certificate and key again.
+        let mut hup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let stop = stop();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hup.recv() => {
+                    if let Err(e) = handle.reload_tls() {
+                        tracing::warn!(error = %e, "SIGHUP: the TLS files cannot be used; keeping the ones before");
+                    }
+                }
+            }
+        }
         tracing::info!("signal received; shutting down");
         supervisor.stopping("stopping: closing client connections");
         Ok::<_, anyhow::Error>(())

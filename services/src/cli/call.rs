@@ -47,6 +47,7 @@ pub async fn call(
     o.reply_topic = Some(Tree::new(&file.bus.prefix).cli_reply());
     o.max_payload = file.broker.max_payload.0 as usize;
     o.queue_capacity = 8;
+    o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
     let bus = Bus::connect(o)?;
     let t0 = std::time::Instant::now();
     // The first failure ends the call at once, with its reason (a refused connection, bad

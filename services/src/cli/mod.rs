@@ -302,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// and pings the watchdog while its runtime and bus loop are healthy.
 fn run_part(name: &str, a: PartArgs) -> anyhow::Result<()> {
     let file = load(a.config.as_deref())?;
-    let options = parts::service_options(&file, a.broker.as_deref(), name, a.instance);
+    let options = parts::service_options(&file, a.broker.as_deref(), name, a.instance)?;
     services_runtime()?.block_on(async {
         let (metrics, _server) = serve_metrics(a.metrics).await?;
         let hooks = Hooks {
@@ -338,6 +338,9 @@ fn startup_lines(handle: &edgebus_broker::BrokerHandle) {
     println!("edgebus broker listening on {}", handle.local_addr());
     if let Some(ws) = handle.websocket_addr() {
         println!("edgebus websocket listening on {ws}");
+    }
+    if let Some(tls) = handle.tls_addr() {
+        println!("edgebus TLS listening on {tls}");
     }
     std::io::stdout().flush().ok();
 }

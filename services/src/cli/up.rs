@@ -45,8 +45,14 @@ pub struct Parts {
 impl Parts {
     /// Starts every part of `file` against the broker at `broker`: one stable instance id
     /// per part and host (`{part}-{host}`), so the registry and the health view keep one
-    /// row per part across restarts.
-    pub fn start(file: &TopicsFile, broker: SocketAddr, metrics: Option<Metrics>) -> Parts {
+    /// row per part across restarts. Fails when the bus's credentials cannot be read.
+    pub fn start(
+        file: &TopicsFile,
+        broker: SocketAddr,
+        metrics: Option<Metrics>,
+    ) -> anyhow::Result<Parts> {
+        // Read once before any part starts, so a failure leaves nothing running.
+        edgebus_runtime::env::credentials(&file.bus)?;
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready) = mpsc::unbounded_channel();
         let (failed_tx, failed) = mpsc::unbounded_channel();
@@ -56,7 +62,7 @@ impl Parts {
         for name in names {
             let instance = edgebus_runtime::env::host_instance(&name);
             let options =
-                parts::service_options(file, Some(&broker.to_string()), &name, Some(instance));
+                parts::service_options(file, Some(&broker.to_string()), &name, Some(instance))?;
             let file = file.clone();
             let mut stop = stop_rx.clone();
             let hooks = Hooks {
@@ -74,13 +80,13 @@ impl Parts {
                 }
             }));
         }
-        Parts {
+        Ok(Parts {
             count,
             tasks,
             stop,
             ready,
             failed,
-        }
+        })
     }
 
     /// Waits until every part is connected and registered, and returns their services; or
@@ -133,7 +139,7 @@ where
             m.add(BrokerCollector(handle.counters()));
         }
         let stop = stop();
-        let mut parts = Parts::start(&file, addr, metrics);
+        let mut parts = Parts::start(&file, addr, metrics)?;
         tokio::pin!(stop);
         let mut supervisor = None;
         let mut failure = None;
@@ -219,7 +225,7 @@ mod tests {
         let addr = broker.local_addr();
         let rt = services_runtime().unwrap();
         rt.block_on(async {
-            let mut parts = Parts::start(&file, addr, None);
+            let mut parts = Parts::start(&file, addr, None).expect("parts");
             let ready = tokio::time::timeout(Duration::from_secs(20), parts.ready())
                 .await
                 .expect("ready within 20 s")

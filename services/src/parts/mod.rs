@@ -17,17 +17,19 @@ pub mod discovery;
 pub mod health;
 pub mod orchestrator;
 
-/// Bus options for one instance of `service`, from topics.toml and an optional broker override.
+/// Bus options for one instance of `service`, from topics.toml and an optional broker
+/// override, with the bus's credentials ([`edgebus_runtime::env::credentials`]).
 pub fn service_options(
     file: &TopicsFile,
     broker: Option<&str>,
     service: &str,
     instance: Option<String>,
-) -> BusOptions {
+) -> anyhow::Result<BusOptions> {
     let broker = broker.unwrap_or(&file.bus.broker).to_owned();
     let mut o = BusOptions::for_service(broker, file.bus.prefix.clone(), service, instance);
     o.max_payload = file.broker.max_payload.0 as usize;
-    o
+    o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
+    Ok(o)
 }
 
 /// Runs the built-in service `name` until `stop` completes: connects (retrying with backoff

@@ -1,0 +1,484 @@
+//! The bus on a broker that asks who is there: every part, `edgebus call` and the views
+//! connect with the bus's credentials (topics.toml `[bus]` and the environment, never the
+//! command line).
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A topics.toml for `edgebus up` on a free port, with a password file that knows `bus`
+/// and `alice`, anonymous clients refused, and `[bus]` connecting as `bus` with its password
+/// in `bus.password`.
+fn guarded(dir: &TempDir) -> std::path::PathBuf {
+    let users = password_file(dir, &[("bus", "bus-secret"), ("alice", "alice-pw")]);
+    let secret = dir.file("bus.password", "bus-secret\n");
+    dir.file(
+        "topics.toml",
+        &format!(
+            "[bus]\nusername = \"bus\"\npassword_file = \"{}\"\n\
+             [broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n\
+             [broker.auth]\npassword_file = \"{}\"\nanonymous = \"deny\"\n",
+            secret.display(),
+            users.display()
+        ),
+    )
+}
+
+#[test]
+fn the_whole_bus_runs_on_a_broker_with_a_password_file() {
+    let dir = TempDir::new("guarded");
+    let cfg = guarded(&dir);
+    let c = cfg.to_str().expect("utf-8");
+    let check = run_edgebus(&["check-config", "-c", c], None, T);
+    assert!(check.ok, "{}{}", check.stdout, check.stderr);
+    // Every part connects as `bus`: without its credentials none would be ready.
+    let mut cmd = edgebus();
+    cmd.args(["up", "-c", c]);
+    let (_up, addr) = start_up(cmd, true);
+    let broker = addr.to_string();
+    let port = addr.port().to_string();
+
+    // `edgebus call` and the views take the credentials from [bus].
+    let call = run_edgebus(
+        &[
+            "call",
+            "echo/echo",
+            r#"{"hi":1}"#,
+            "-c",
+            c,
+            "--broker",
+            &broker,
+        ],
+        None,
+        T,
+    );
+    assert!(call.ok, "{}{}", call.stdout, call.stderr);
+    assert!(call.stdout.contains(r#""hi":1"#), "{}", call.stdout);
+    let services = run_edgebus(&["services", "-c", c, "--broker", &broker], None, T);
+    assert!(services.ok, "{}{}", services.stdout, services.stderr);
+    assert!(services.stdout.contains("discovery"), "{}", services.stdout);
+
+    // The environment wins over [bus]: another user, then a wrong password.
+    let mut as_alice = edgebus();
+    as_alice
+        .env("EDGEBUS_USERNAME", "alice")
+        .env("EDGEBUS_PASSWORD", "alice-pw");
+    let call = run_command(
+        as_alice,
+        &["call", "echo/echo", "{}", "-c", c, "--broker", &broker],
+        None,
+        T,
+    );
+    assert!(call.ok, "{}{}", call.stdout, call.stderr);
+    let mut wrong = edgebus();
+    wrong
+        .env("EDGEBUS_USERNAME", "alice")
+        .env("EDGEBUS_PASSWORD", "guess");
+    let call = run_command(
+        wrong,
+        &["call", "echo/echo", "{}", "-c", c, "--broker", &broker],
+        None,
+        T,
+    );
+    assert!(!call.ok, "a wrong password is refused");
+    assert!(
+        call.stderr.to_lowercase().contains("refused")
+            || call.stderr.to_lowercase().contains("not authorized")
+            || call.stderr.to_lowercase().contains("password"),
+        "the reason is said: {}",
+        call.stderr
+    );
+
+    // mosquitto's clients, with a user of the password file.
+    let (ok, out) = rr(
+        &port,
+        &[
+            "-u",
+            "alice",
+            "-P",
+            "alice-pw",
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "test/reply",
+            "-m",
+            r#"{"from":"rr"}"#,
+            "-W",
+            "5",
+        ],
+    );
+    assert!(ok && out.contains(r#""from":"rr""#), "{out}");
+    let (ok, out) = rr(
+        &port,
+        &[
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "test/reply",
+            "-m",
+            "{}",
+            "-W",
+            "2",
+        ],
+    );
+    assert!(!ok, "anonymous is refused: {out}");
+}
+
+#[test]
+fn an_unreadable_bus_password_is_a_config_error_naming_its_key() {
+    let dir = TempDir::new("nopw");
+    let cfg = dir.file(
+        "topics.toml",
+        "[bus]\nusername = \"bus\"\npassword_file = \"/nonexistent/edgebus-bus.password\"\n",
+    );
+    let out = run_edgebus(
+        &["check-config", "-c", cfg.to_str().expect("utf-8")],
+        None,
+        T,
+    );
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("bus.password_file") && out.stderr.contains("/nonexistent"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Runs openssl with `args` in `dir`; panics with its output if it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `{name}-ca.pem`, and a certificate `{name}-{who}.pem` (key `{name}-{who}.key`)
+/// signed by it for each of `who`: `server` for localhost and 127.0.0.1, anything else a
+/// client certificate with that common name.
+fn pki(dir: &TempDir, name: &str, who: &[&str]) {
+    let d = &dir.0;
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=edgebus test CA {name}"),
+        ],
+    );
+    for w in who {
+        let key = format!("{name}-{w}.key");
+        let csr = format!("{name}-{w}.csr");
+        let pem = format!("{name}-{w}.pem");
+        let ext = format!("{name}-{w}.ext");
+        let (cn, text) = if *w == "server" {
+            (
+                "localhost",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                 extendedKeyUsage=serverAuth\n",
+            )
+        } else {
+            (
+                *w,
+                "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+            )
+        };
+        dir.file(&ext, text);
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+/// `edgebus broker` with a TLS listener (certificate of `name`, and mTLS with `client_ca`
+/// when given); returns it with its plain and TLS ports.
+fn tls_broker(dir: &TempDir, name: &str, client_ca: Option<&str>) -> (Proc, String, String) {
+    let d = dir.0.display();
+    let ca_line = client_ca
+        .map(|c| format!("client_ca = \"{d}/{c}\"\n"))
+        .unwrap_or_default();
+    let cfg = dir.file(
+        "tls.toml",
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n\
+             connect_timeout = \"2s\"\n\
+             [broker.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{d}/tls-server.pem\"\n\
+             key = \"{d}/tls-server.key\"\n{ca_line}"
+        ),
+    );
+    for f in ["pem", "key"] {
+        std::fs::copy(
+            dir.0.join(format!("{name}-server.{f}")),
+            dir.0.join(format!("tls-server.{f}")),
+        )
+        .expect("copy");
+    }
+    let mut cmd = edgebus();
+    cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
+    let p = Proc::spawn(cmd);
+    let plain = p.expect_line("edgebus broker listening on ", T);
+    let tls = p.expect_line("edgebus TLS listening on ", T);
+    let port = |l: &str| l.rsplit(':').next().expect("port").trim().to_owned();
+    let (plain, tls) = (port(&plain), port(&tls));
+    (p, plain, tls)
+}
+
+/// A mosquitto client over TLS to localhost:`port`, trusting `ca` (in `dir`).
+fn tls_tool(dir: &TempDir, tool: &str, port: &str, ca: &str, args: &[&str]) -> (bool, String) {
+    let ca = dir.0.join(ca);
+    let mut all = vec!["-h", "localhost", "--cafile", ca.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    run_tool(tool, port, &all)
+}
+
+#[test]
+fn mosquitto_clients_speak_mqtt_over_tls() {
+    let dir = TempDir::new("tls");
+    pki(&dir, "one", &["server"]);
+    pki(&dir, "other", &["server"]);
+    let (_b, plain, tls) = tls_broker(&dir, "one", None);
+    let ca = dir.0.join("one-ca.pem");
+    let ca = ca.to_str().expect("utf-8");
+    let sub = Sub::start(&tls, &["-h", "localhost", "--cafile", ca, "-t", "tls/#"]);
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &["-t", "tls/a", "-m", "sealed", "-q", "1"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(sub.next(T).as_deref(), Some("tls/a sealed"));
+    // Request/response over TLS, answered by a service on the plain listener.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{plain}").parse().expect("addr");
+    let _echo = Service::start("echo", addr, &[]);
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_rr",
+        &tls,
+        "one-ca.pem",
+        &[
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "rr/reply",
+            "-m",
+            r#"{"over":"tls"}"#,
+            "-W",
+            "5",
+        ],
+    );
+    assert!(ok && out.contains(r#""over":"tls""#), "{out}");
+    // A client that trusts another CA refuses the server; the broker logs the failure.
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "other-ca.pem",
+        &["-t", "tls/x", "-m", "x"],
+    );
+    assert!(!ok, "a wrong CA must not connect: {out}");
+    // A plain MQTT client on the TLS port is closed, and the listener goes on.
+    let mut s = raw(format!("127.0.0.1:{tls}").parse().expect("addr"));
+    send(&mut s, &connect_v311("plain-on-tls", 30));
+    assert!(
+        closed_by_peer(&mut s),
+        "plain MQTT on the TLS port is closed"
+    );
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &["-t", "tls/b", "-m", "still"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(sub.next(T).as_deref(), Some("tls/b still"));
+}
+
+/// 200 connections that never start their TLS handshake do not hold up a client that does;
+/// each is closed once `connect_timeout` (2 s here) has passed.
+#[test]
+fn stalled_tls_handshakes_hold_up_nobody() {
+    let dir = TempDir::new("tls-stall");
+    pki(&dir, "one", &["server"]);
+    let (_b, _plain, tls) = tls_broker(&dir, "one", None);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{tls}").parse().expect("addr");
+    let stalled: Vec<_> = (0..200).map(|_| raw(addr)).collect();
+    let t0 = std::time::Instant::now();
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &["-t", "s/a", "-m", "through", "-q", "1"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "a TLS client waited {:?} behind 200 stalled handshakes",
+        t0.elapsed()
+    );
+    let mut first = stalled.into_iter().next().expect("one");
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(
+        closed_by_peer(&mut first),
+        "a stalled handshake is closed after connect_timeout"
+    );
+}
+
+/// mTLS: with `client_ca`, a client without a certificate from that CA is refused in the
+/// handshake; one with it connects.
+#[test]
+fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let dir = TempDir::new("mtls");
+    pki(&dir, "one", &["server", "alice"]);
+    pki(&dir, "rogue", &["mallory"]);
+    let (_b, _plain, tls) = tls_broker(&dir, "one", Some("one-ca.pem"));
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &["-t", "m/a", "-m", "x"],
+    );
+    assert!(!ok, "no client certificate: refused: {out}");
+    let d = &dir.0;
+    let cert = |n: &str| d.join(n).display().to_string();
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &[
+            "--cert",
+            &cert("rogue-mallory.pem"),
+            "--key",
+            &cert("rogue-mallory.key"),
+            "-t",
+            "m/a",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(!ok, "a certificate from another CA: refused: {out}");
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "one-ca.pem",
+        &[
+            "--cert",
+            &cert("one-alice.pem"),
+            "--key",
+            &cert("one-alice.key"),
+            "-t",
+            "m/a",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(ok, "{out}");
+}
+
+/// A renewed certificate is taken up on SIGHUP without dropping anyone: a subscriber
+/// connected with the old one keeps receiving, a new client sees the new one.
+#[test]
+fn a_certificate_replaced_and_sighup_keeps_clients_and_serves_the_new_one() {
+    let dir = TempDir::new("tls-reload");
+    pki(&dir, "old", &["server"]);
+    pki(&dir, "new", &["server"]);
+    let (b, plain, tls) = tls_broker(&dir, "old", None);
+    let ca = dir.0.join("old-ca.pem");
+    let ca = ca.to_str().expect("utf-8");
+    let sub = Sub::start(&tls, &["-h", "localhost", "--cafile", ca, "-t", "r/#"]);
+    for f in ["pem", "key"] {
+        std::fs::copy(
+            dir.0.join(format!("new-server.{f}")),
+            dir.0.join(format!("tls-server.{f}")),
+        )
+        .expect("replace");
+    }
+    b.signal("HUP");
+    b.expect_line("TLS certificate and key read again", T);
+    let (ok, out) = publish(&plain, &["-t", "r/a", "-m", "after"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        sub.next(T).as_deref(),
+        Some("r/a after"),
+        "the old connection stays"
+    );
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "new-ca.pem",
+        &["-t", "r/b", "-m", "new"],
+    );
+    assert!(ok, "a new client sees the new certificate: {out}");
+    let (ok, out) = tls_tool(
+        &dir,
+        "mosquitto_pub",
+        &tls,
+        "old-ca.pem",
+        &["-t", "r/c", "-m", "old"],
+    );
+    assert!(!ok, "the old certificate is no longer served: {out}");
+}
