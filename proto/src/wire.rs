@@ -146,6 +146,18 @@ pub struct RequestMeta {
     pub deadline_ms: Option<u64>,
 }
 
+/// The MQTT 5 user property in which edgebus's broker names the user it authenticated the
+/// publisher of a request as (absent: anonymous). The broker removes any the client sent.
+pub const VERIFIED_USER: &str = "edgebus-user";
+/// The user property in which edgebus's broker names the publisher's client id.
+pub const VERIFIED_CLIENT_ID: &str = "edgebus-client-id";
+
+/// Whether `topic` is a request as the contract spells it (`…/request`): the broker stamps
+/// these with the publisher's identity.
+pub fn is_request_topic(topic: &str) -> bool {
+    topic.ends_with("/request")
+}
+
 /// Field names [`RequestMeta`] takes out of a request object.
 pub const META_FIELDS: &[&str] = &["reply_to", "correlation_id", "session_id", "deadline_ms"];
 

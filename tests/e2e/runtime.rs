@@ -337,35 +337,56 @@ fn panicking_and_failing_handlers_get_internal_error_and_serving_goes_on() {
     });
 }
 
-/// A handler sees who called: the runtime's client id, and its service when a service calls;
-/// a mosquitto_rr caller says nothing, and the handler sees that too.
+/// A handler sees who called, as the broker vouches for it: the client id and the
+/// authenticated user, whoever the caller is (the runtime, a service, `mosquitto_rr`), and
+/// a caller that writes someone else's name into its request is not believed. Through
+/// mosquitto, which vouches for nothing, the handler sees what the caller states, unverified.
 #[test]
 fn a_handler_sees_who_called() {
-    let broker = Broker::start();
+    let dir = TempDir::new("whoami");
+    let users = password_file(&dir, &[("alice", "alice-pw")]);
+    let broker = Broker::start_with(&format!(
+        "[broker.auth]\npassword_file = \"{}\"\n",
+        users.display()
+    ));
+    let mosquitto = Mosquitto::start();
     let rt = runtime();
+    let mosquitto_addr: SocketAddr = format!("127.0.0.1:{}", mosquitto.port())
+        .parse()
+        .expect("addr");
     rt.block_on(async {
-        let server = Bus::connect(BusOptions::for_service(
-            broker.addr.to_string(),
-            "edge",
-            "whoami",
-            None,
-        ))
-        .expect("bus");
-        let _svc = ServiceBuilder::new("whoami")
-            .endpoint("ask", |req: Request<Value>| async move {
-                let c = req.caller();
-                Ok::<_, ServiceError>(json!({"client_id": c.client_id, "service": c.service}))
-            })
-            .start(&server)
-            .await
-            .expect("start");
-        assert!(server.sync(T).await);
+        let mut services = Vec::new();
+        for addr in [broker.addr, mosquitto_addr] {
+            let server = Bus::connect(BusOptions::for_service(
+                addr.to_string(),
+                "edge",
+                "whoami",
+                None,
+            ))
+            .expect("bus");
+            let svc = ServiceBuilder::new("whoami")
+                .endpoint("ask", |req: Request<Value>| async move {
+                    let c = req.caller();
+                    Ok::<_, ServiceError>(json!({
+                        "client_id": c.client_id,
+                        "service": c.service,
+                        "user": c.user,
+                        "verified": c.verified,
+                    }))
+                })
+                .start(&server)
+                .await
+                .expect("start");
+            assert!(server.sync(T).await);
+            services.push((server, svc));
+        }
         let plain = client(broker.addr).await;
         let r: Value = plain
             .request("whoami/ask", &json!({}), T)
             .await
             .expect("reply");
-        assert_eq!(r, json!({"client_id": plain.client_id(), "service": null}));
+        let want = json!({"client_id": plain.client_id(), "service": null, "user": null, "verified": true});
+        assert_eq!(r, want);
         let as_service = Bus::connect(BusOptions::for_service(
             broker.addr.to_string(),
             "edge",
@@ -378,23 +399,33 @@ fn a_handler_sees_who_called() {
             .request("whoami/ask", &json!({}), T)
             .await
             .expect("reply");
-        assert_eq!(r, json!({"client_id": "billing-7", "service": "billing"}));
+        let want = json!({"client_id": "billing-7", "service": "billing", "user": null, "verified": true});
+        assert_eq!(r, want);
+        // mosquitto_rr, logged in, and writing someone else's names into its request.
         let (ok, out) = rr(
             &broker.port(),
             &[
-                "-t",
-                "edge/whoami/ask/request",
-                "-e",
-                "t/who",
-                "-m",
-                "{}",
-                "-W",
-                "3",
+                "-V", "mqttv5", "-u", "alice", "-P", "alice-pw", "-i", "alice-box",
+                "-D", "publish", "user-property", "edgebus-user", "root",
+                "-D", "publish", "user-property", "edgebus-client-id", "billing-7",
+                "-t", "edge/whoami/ask/request", "-e", "t/who", "-m", "{}", "-W", "3",
             ],
         );
         assert!(ok, "{out}");
         let reply: Value = serde_json::from_str(out.trim()).expect("reply");
-        assert_eq!(reply["data"], json!({"client_id": null, "service": null}));
+        assert_eq!(
+            reply["data"],
+            json!({"client_id": "alice-box", "service": null, "user": "alice", "verified": true})
+        );
+        // Through mosquitto: what the caller states, not verified.
+        let other = client(mosquitto_addr).await;
+        let r: Value = other
+            .request("whoami/ask", &json!({}), T)
+            .await
+            .expect("reply");
+        let want = json!({"client_id": other.client_id(), "service": null, "user": null, "verified": false});
+        assert_eq!(r, want);
+        drop(services);
     });
 }
 

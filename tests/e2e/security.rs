@@ -482,3 +482,56 @@ fn a_certificate_replaced_and_sighup_keeps_clients_and_serves_the_new_one() {
     );
     assert!(!ok, "the old certificate is no longer served: {out}");
 }
+
+/// No client can write the names the broker vouches with: they are removed from every
+/// PUBLISH, a request or not, and a request gets the real ones.
+#[test]
+fn forged_identity_properties_are_removed() {
+    let b = Broker::start();
+    let port = b.port();
+    let mut cmd = std::process::Command::new("stdbuf");
+    cmd.args(["-oL", "mosquitto_sub", "-d", "-p", &port, "-V", "mqttv5"])
+        .args(["-F", "MSG %t %P", "-t", "plain/#", "-t", "edge/+/+/request"]);
+    let sub = Sub(Proc::spawn(cmd));
+    sub.0.expect_line("received SUBACK", T);
+    let forged = [
+        "-V",
+        "mqttv5",
+        "-i",
+        "liar",
+        "-D",
+        "publish",
+        "user-property",
+        "edgebus-user",
+        "root",
+        "-D",
+        "publish",
+        "user-property",
+        "edgebus-client-id",
+        "someone",
+        "-D",
+        "publish",
+        "user-property",
+        "kept",
+        "yes",
+        "-m",
+        "{}",
+    ];
+    let (ok, out) = publish(&port, &[&["-t", "plain/x"][..], &forged[..]].concat());
+    assert!(ok, "{out}");
+    assert_eq!(sub.next(T).as_deref(), Some("plain/x kept:yes"));
+    let (ok, out) = publish(
+        &port,
+        &[&["-t", "edge/svc/ep/request"][..], &forged[..]].concat(),
+    );
+    assert!(ok, "{out}");
+    let got = sub.next(T).expect("the request");
+    assert!(
+        got.contains("kept:yes") && got.contains("edgebus-client-id:liar"),
+        "{got}"
+    );
+    assert!(
+        !got.contains("root") && !got.contains("someone"),
+        "forged names removed: {got}"
+    );
+}

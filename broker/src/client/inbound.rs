@@ -16,6 +16,7 @@ use crate::router::session::{Full, Queued, SubOptions};
 use crate::router::Filter;
 use crate::stats::bump;
 use crate::strict;
+use edgebus_proto::wire;
 
 impl Conn {
     pub(super) fn on_publish(
@@ -92,6 +93,8 @@ impl Conn {
             seq = recorded;
         }
         bump(&self.shared.stats.messages_in);
+        let request = wire::is_request_topic(topic_str);
+        let props = self.vouch(props, request);
         let msg = Arc::new(Message::new(
             topic,
             publish.payload,
@@ -112,6 +115,44 @@ impl Conn {
         if let (Some((_, want)), Some(seq)) = (self.pending_ack.as_mut(), seq) {
             *want = Some(want.map_or(seq, |w| w.max(seq)));
         }
+    }
+
+    /// Who published, as this broker knows it: a request (`…/request`) gets the client's
+    /// authenticated user and client id as user properties ([`wire::VERIFIED_USER`],
+    /// [`wire::VERIFIED_CLIENT_ID`]), so its handler can tell who called; properties of those
+    /// names a client sent are removed from every PUBLISH, so no one can claim to be someone
+    /// else.
+    fn vouch(&self, props: Option<PublishProperties>, request: bool) -> Option<PublishProperties> {
+        let forged =
+            |(k, _): &(String, String)| k == wire::VERIFIED_USER || k == wire::VERIFIED_CLIENT_ID;
+        let has_forged = props
+            .as_ref()
+            .is_some_and(|p| p.user_properties.iter().any(forged));
+        if !request && !has_forged {
+            return props;
+        }
+        let mut p = props.unwrap_or_else(|| PublishProperties {
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+            subscription_identifiers: Vec::new(),
+            content_type: None,
+        });
+        if has_forged {
+            p.user_properties.retain(|kv| !forged(kv));
+        }
+        if request {
+            if let Some(user) = &self.user {
+                p.user_properties
+                    .push((wire::VERIFIED_USER.into(), user.clone()));
+            }
+            p.user_properties
+                .push((wire::VERIFIED_CLIENT_ID.into(), self.client_id.clone()));
+        }
+        Some(p)
     }
 
     /// Queues what fits of the PUBLISH being routed without waiting; acknowledges it once

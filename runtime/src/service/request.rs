@@ -1,15 +1,22 @@
 //! A request as a handler sees it, and how its JSON is decoded into the handler's type.
 
 use super::*;
+use crate::wire;
 
-/// Who sent a request, as it says ([`Request::caller`]); `None` where it did not say (a
-/// `mosquitto_rr`, an MQTT 3.1.1 client).
+/// Who sent a request ([`Request::caller`]): as edgebus's broker vouches for it
+/// (`verified`), or else as the caller says; `None` where neither said (a `mosquitto_rr` on
+/// another broker, an MQTT 3.1.1 client).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Caller<'a> {
     /// The caller's MQTT client id.
     pub client_id: Option<&'a str>,
-    /// The caller's service, when a service called.
+    /// The caller's service, when a service called (as it says).
     pub service: Option<&'a str>,
+    /// The user the broker authenticated the caller as; `None` for an anonymous caller, and
+    /// whenever the broker did not vouch.
+    pub user: Option<&'a str>,
+    /// Whether the broker vouched for `client_id` and `user` (edgebus's broker does).
+    pub verified: bool,
 }
 
 /// A request as a handler sees it.
@@ -78,14 +85,19 @@ impl<T> Request<T> {
             })
     }
 
-    /// Who sent the request, as its caller states it: the runtime names its client id and,
-    /// for a service, its service in every request (user properties `caller` and
-    /// `caller_service`). The broker does not vouch for it: use it to log and to route, and
-    /// authorize on the broker's ACL (`[broker.acl]`), which knows the caller's user.
+    /// Who sent the request. edgebus's broker vouches for the caller: it names the user it
+    /// authenticated and the client id in every request (and removes any a client wrote
+    /// itself), so `verified` is true and a handler may refuse with `FORBIDDEN` on them.
+    /// Through another broker only what the caller states is known (the runtime names its
+    /// client id and service, user properties `caller` and `caller_service`): use that to
+    /// log and to route, and authorize on that broker's ACL.
     pub fn caller(&self) -> Caller<'_> {
+        let vouched = self.user_property(wire::VERIFIED_CLIENT_ID);
         Caller {
-            client_id: self.user_property(crate::request::CALLER),
+            client_id: vouched.or_else(|| self.user_property(crate::request::CALLER)),
             service: self.user_property(crate::request::CALLER_SERVICE),
+            user: vouched.and(self.user_property(wire::VERIFIED_USER)),
+            verified: vouched.is_some(),
         }
     }
 
