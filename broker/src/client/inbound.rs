@@ -131,16 +131,7 @@ impl Conn {
         if !request && !has_forged {
             return props;
         }
-        let mut p = props.unwrap_or_else(|| PublishProperties {
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            topic_alias: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-            subscription_identifiers: Vec::new(),
-            content_type: None,
-        });
+        let mut p = props.unwrap_or_else(super::outbound::empty_props);
         if has_forged {
             p.user_properties.retain(|kv| !forged(kv));
         }

@@ -139,7 +139,8 @@ impl Conn {
     }
 }
 
-fn empty_props() -> PublishProperties {
+/// PUBLISH properties with nothing set.
+pub(super) fn empty_props() -> PublishProperties {
     PublishProperties {
         payload_format_indicator: None,
         message_expiry_interval: None,
