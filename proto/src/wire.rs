@@ -146,6 +146,12 @@ pub struct RequestMeta {
     pub deadline_ms: Option<u64>,
 }
 
+/// The user property naming the client that sent a request (its MQTT client id), as the
+/// runtime states it.
+pub const CALLER: &str = "caller";
+/// The user property naming the service that sent a request, when a service did.
+pub const CALLER_SERVICE: &str = "caller_service";
+
 /// The MQTT 5 user property in which edgebus's broker names the user it authenticated the
 /// publisher of a request as (absent: anonymous). The broker removes any the client sent.
 pub const VERIFIED_USER: &str = "edgebus-user";

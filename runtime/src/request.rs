@@ -13,11 +13,7 @@ use std::sync::atomic::Ordering;
 use crate::bus::{Bus, BusError, PublishOptions, TargetPolicy};
 use crate::policy::{counts_as_failure, Admission, CircuitState, RetryPolicy, Transition};
 use crate::wire::{code, now_ms, ErrorBody, ReplyBody};
-
-/// The user property naming the client that sent a request (its MQTT client id).
-pub const CALLER: &str = "caller";
-/// The user property naming the service that sent a request, when a service did.
-pub const CALLER_SERVICE: &str = "caller_service";
+pub use crate::wire::{CALLER, CALLER_SERVICE};
 
 /// How a request is sent.
 #[derive(Debug, Clone)]

@@ -21,8 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::message::Message;
-use super::session::{Queued, SubOptions};
+use super::message::{Message, Queued, SubOptions};
 
 /// One change of a persistent session.
 #[derive(Debug, Clone)]

@@ -1,5 +1,7 @@
-//! A published message as the router holds it: shared by every queue it is in.
+//! A published message as the router holds it, shared by every queue it is in; a delivery
+//! of it to one subscriber ([`Queued`]), and how a subscription wants it ([`SubOptions`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -91,5 +93,52 @@ impl Message {
             0,
             Instant::now(),
         )
+    }
+}
+
+/// How one subscription wants its messages (MQTT 5 subscription options; 3.1.1 uses QoS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct SubOptions {
+    /// The maximum QoS granted.
+    pub qos: u8,
+    /// Do not send the subscriber its own publishes [MQTT-3.8.3-3].
+    pub no_local: bool,
+    /// Keep the RETAIN flag as published [MQTT-3.3.1-12/13].
+    pub retain_as_published: bool,
+    /// The subscription identifier, if the SUBSCRIBE gave one.
+    pub id: Option<u32>,
+}
+
+/// One message on its way to one subscriber.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub msg: Arc<Message>,
+    /// min(published, granted) [MQTT-3.8.4-6] (5: [MQTT-3.8.4-8]).
+    pub qos: u8,
+    /// The RETAIN flag to send.
+    pub retain: bool,
+    /// Subscription identifiers of the matching subscriptions [MQTT-3.3.4-3].
+    pub sub_ids: Vec<u32>,
+    /// The shared subscription (`$share/{group}/{filter}`) it came through, if any: when the
+    /// session ends before its client acknowledged it, another member gets it.
+    pub share: Option<Arc<str>>,
+    /// Its number in a journaled session (0: not recorded).
+    pub n: u64,
+    /// It may have been sent before (restored after a restart): it goes with DUP.
+    pub dup: bool,
+}
+
+impl Queued {
+    /// A delivery of `msg` at `qos`, not yet numbered.
+    pub fn new(msg: Arc<Message>, qos: u8, retain: bool, share: Option<Arc<str>>) -> Queued {
+        Queued {
+            msg,
+            qos,
+            retain,
+            sub_ids: Vec::new(),
+            share,
+            n: 0,
+            dup: false,
+        }
     }
 }

@@ -94,8 +94,8 @@ impl<T> Request<T> {
     pub fn caller(&self) -> Caller<'_> {
         let vouched = self.user_property(wire::VERIFIED_CLIENT_ID);
         Caller {
-            client_id: vouched.or_else(|| self.user_property(crate::request::CALLER)),
-            service: self.user_property(crate::request::CALLER_SERVICE),
+            client_id: vouched.or_else(|| self.user_property(wire::CALLER)),
+            service: self.user_property(wire::CALLER_SERVICE),
             user: vouched.and(self.user_property(wire::VERIFIED_USER)),
             verified: vouched.is_some(),
         }
