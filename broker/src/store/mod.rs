@@ -216,7 +216,7 @@ impl Writer {
             if let Err(e) = self.commit(&buf) {
                 // Acknowledgements keep waiting: a broker that cannot write says so, and
                 // does not pretend.
-                tracing::error!(file = %self.path.display(), error = %e, "cannot write the retained messages; acknowledgements wait");
+                tracing::error!(file = %self.path.display(), error = %e, "cannot write the state file; acknowledgements wait");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }

@@ -310,48 +310,46 @@ async fn restart_time(kind: Kind, dir: &Path, count: usize) -> anyhow::Result<Fi
     )
 }
 
-/// A persistent (clean session 0) MQTT 3.1.1 session `id` subscribed to `persist/#` at
-/// QoS 1; with `count`, counts what it gets (up to `count`) once connected.
-async fn persistent_session(
-    addr: SocketAddr,
-    id: &str,
-    count: Option<usize>,
-) -> anyhow::Result<usize> {
+/// A persistent (clean session 0) MQTT 3.1.1 client `id`.
+fn persistent_client(addr: SocketAddr, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(false);
-    let (c, mut el) = AsyncClient::new(o, 64);
-    if count.is_none() {
-        c.subscribe("persist/#", QoS::AtLeastOnce).await?;
-    }
-    let mut got = 0usize;
-    let want = count.unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    AsyncClient::new(o, 64)
+}
+
+/// Makes the persistent session `id`, subscribed to `persist/#` at QoS 1, and leaves it
+/// (DISCONNECT: the session stays).
+async fn leave_subscribed(addr: SocketAddr, id: &str) -> anyhow::Result<()> {
+    let (c, mut el) = persistent_client(addr, id);
+    c.subscribe("persist/#", QoS::AtLeastOnce).await?;
+    let deadline = Duration::from_secs(10);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // At most 2 s without a message once counting: what did not come is lost.
-        let quiet = if count.is_some() {
-            left.min(Duration::from_secs(2))
-        } else {
-            left
-        };
-        match tokio::time::timeout(quiet, el.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if count.is_none() => {
-                c.disconnect().await?;
-            }
-            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) if count.is_none() => return Ok(0),
-            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
-                got += 1;
-                if got >= want {
-                    break;
-                }
-            }
+        match tokio::time::timeout(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => c.disconnect().await?,
+            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => return Ok(()),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if count.is_none() => bail!("persistent subscriber: {e}"),
+            Ok(Err(e)) => bail!("persistent subscriber: {e}"),
+            Err(_) => bail!("persistent subscriber: no SUBACK within {deadline:?}"),
+        }
+    }
+}
+
+/// Takes the persistent session `id` back and counts what it gets, up to `want`, until 2 s
+/// pass without a message (what did not come by then is lost).
+async fn count_queued(addr: SocketAddr, id: &str, want: usize) -> usize {
+    let (_c, mut el) = persistent_client(addr, id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = 0;
+    while got < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_secs(2)), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
+            Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => break,
         }
     }
-    Ok(got)
+    got
 }
 
 /// QoS 1 messages queued for an offline persistent session: the rate they are accepted at
@@ -360,7 +358,7 @@ async fn persistent_session(
 async fn queued_loss(kind: Kind, dir: &Path, n: usize) -> anyhow::Result<Figure> {
     let b = start(kind, dir)?;
     let id = format!("offline-{}", run_id());
-    persistent_session(b.addr, &id, None).await?;
+    leave_subscribed(b.addr, &id).await?;
     let pid = b.child.0.id();
     let before = storage_writes(pid)?;
     let load = Load {
@@ -378,7 +376,7 @@ async fn queued_loss(kind: Kind, dir: &Path, n: usize) -> anyhow::Result<Figure>
     let _ = b.child.0.wait();
     drop(b);
     let b = start(kind, dir)?;
-    let got = persistent_session(b.addr, &id, Some(acked)).await?;
+    let got = count_queued(b.addr, &id, acked).await;
     let lost = acked.saturating_sub(got);
     let rate = acked as f64 / took.as_secs_f64();
     let per = written as f64 / acked.max(1) as f64;
