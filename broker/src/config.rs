@@ -75,6 +75,10 @@ pub struct BrokerConfig {
     pub rate_limit: ClientRateLimit,
     /// What the broker keeps on disk across restarts (`[broker.persistence]`).
     pub persistence: PersistenceConfig,
+    /// The bus's topic prefix (`[bus] prefix`, not a `[broker]` key), which ACL permissions
+    /// expand under.
+    #[serde(skip)]
+    pub prefix: String,
 }
 
 /// `[broker.tls]`: MQTT over TLS (1.2 and 1.3 only), with client certificates if asked.
@@ -190,6 +194,7 @@ impl Default for BrokerConfig {
             acl: AclConfig::default(),
             rate_limit: ClientRateLimit::default(),
             persistence: PersistenceConfig::default(),
+            prefix: "edge".into(),
         }
     }
 }
@@ -203,6 +208,8 @@ pub struct AuthConfig {
     /// Who may connect without a username: `loopback` (clients on 127.0.0.0/8 and ::1 only),
     /// `allow` (anyone) or `deny` (no one).
     pub anonymous: Anonymous,
+    /// Tokens as passwords (`[broker.auth.jwt]`, see [`crate::token`]).
+    pub jwt: Option<crate::token::JwtConfig>,
 }
 
 /// Policy for clients that connect without a username.

@@ -128,13 +128,18 @@ where
     tracing::Span::current().record("client_id", client_id.as_str());
 
     // 3. Credentials.
-    let user = match authenticate(&shared, peer, login.as_ref()) {
-        Ok(user) => user,
-        Err(refusal) => {
+    let Identity {
+        user,
+        grants,
+        expires,
+    } = match authenticate(&shared, peer, login.as_ref()) {
+        Ok(identity) => identity,
+        Err((refusal, why)) => {
             bump(&shared.stats.refused);
             warn!(
                 ?refusal,
                 user = login.as_ref().map(|l| clip(&l.username)).as_deref(),
+                reason = why,
                 "authentication failed; refusing"
             );
             Box::pin(refuse(&mut stream, version, refusal)).await;
@@ -149,6 +154,7 @@ where
         let who = Principal {
             user: user.as_deref(),
             client_id: &client_id,
+            grants: &grants,
         };
         if let Err((refusal, why)) = check_will(&shared, who, w) {
             bump(&shared.stats.refused);
@@ -213,6 +219,7 @@ where
         shared
             .router
             .open(&key, &client_id, user.as_deref(), connect.clean_session);
+    session.set_grants(grants.clone());
     shared.count_sessions();
     // The keep-alive that applies: the client's, unless above `max_keepalive` (or none at
     // all while there is a maximum); MQTT 5 clients are told in the CONNACK [MQTT-3.2.2-21].
@@ -249,6 +256,15 @@ where
         session.clone(),
         hello,
     );
+    conn.grants = grants;
+    conn.expires = expires.map(|at| {
+        // Far enough for any token, near enough not to overflow an Instant.
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(10 * 365 * 86_400));
+        tokio::time::Instant::now() + left
+    });
     let server_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
     connack(
         &mut conn,
@@ -293,6 +309,9 @@ where
         let code = match &end {
             End::Protocol(_) => DisconnectReasonCode::ProtocolError,
             End::KeepAlive => DisconnectReasonCode::KeepAliveTimeout,
+            // "The maximum connection time authorized for this connection has been
+            // exceeded" (MQTT 5 §3.14.2.1, 0xA0): its token's.
+            End::TokenExpired => DisconnectReasonCode::MaximumConnectTime,
             _ => DisconnectReasonCode::UnspecifiedError,
         };
         conn.disconnect_v5(code);
@@ -316,6 +335,7 @@ where
             warn!(reason = %why, "closing connection")
         }
         End::KeepAlive => info!("keep-alive expired; closing"),
+        End::TokenExpired => info!("token expired; closing"),
     }
 
     // 7. The Last Will: not after a normal DISCONNECT, nor when the whole broker stops. On a
@@ -417,27 +437,74 @@ fn check_client_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Who a client is, once its credentials are checked.
+struct Identity {
+    /// The username (a token's subject); none: anonymous.
+    user: Option<String>,
+    /// What its token grants beyond the configured ACL.
+    grants: Arc<[crate::acl::AclRule]>,
+    /// When its token expires, and the connection with it.
+    expires: Option<std::time::SystemTime>,
+}
+
 fn authenticate(
     shared: &Shared,
     peer: SocketAddr,
     login: Option<&protocol::Login>,
-) -> Result<Option<String>, Refusal> {
+) -> Result<Identity, (Refusal, String)> {
     use crate::config::Anonymous;
-    match (login, &shared.passwords) {
-        (Some(l), Some(file)) => {
+    let known = |user: String| Identity {
+        user: Some(user),
+        grants: Arc::from([]),
+        expires: None,
+    };
+    match (login, &shared.tokens, &shared.passwords) {
+        (Some(l), Some(tokens), _) if crate::token::looks_like_jwt(l.password.as_bytes()) => {
+            let token = tokens
+                .verify(&l.password)
+                .map_err(|why| (Refusal::BadCredentials, why))?;
+            if !l.username.is_empty() && l.username != token.subject {
+                return Err((
+                    Refusal::BadCredentials,
+                    format!(
+                        "the username is not the token's subject `{}`",
+                        clip(&token.subject)
+                    ),
+                ));
+            }
+            Ok(Identity {
+                user: Some(token.subject),
+                grants: token.grants.into(),
+                expires: Some(token.expires),
+            })
+        }
+        (Some(l), _, Some(file)) => {
             if file.verify(&l.username, l.password.as_bytes()) {
-                Ok(Some(l.username.clone()))
+                Ok(known(l.username.clone()))
             } else {
-                Err(Refusal::BadCredentials)
+                Err((Refusal::BadCredentials, "wrong username or password".into()))
             }
         }
+        (Some(_), Some(_), None) => Err((
+            Refusal::BadCredentials,
+            "the password is not a token, and there is no password file".into(),
+        )),
         // Without a password file a username proves nothing: the client is anonymous.
         _ => {
             let loopback = peer.ip().to_canonical().is_loopback();
             match shared.config.auth.anonymous {
-                Anonymous::Allow => Ok(None),
-                Anonymous::Loopback if loopback => Ok(None),
-                _ => Err(Refusal::NotAuthorized),
+                Anonymous::Allow => Ok(Identity {
+                    user: None,
+                    ..known(String::new())
+                }),
+                Anonymous::Loopback if loopback => Ok(Identity {
+                    user: None,
+                    ..known(String::new())
+                }),
+                _ => Err((
+                    Refusal::NotAuthorized,
+                    "anonymous clients are not allowed (auth.anonymous)".into(),
+                )),
             }
         }
     }

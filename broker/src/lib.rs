@@ -48,6 +48,7 @@ pub mod stats;
 mod store;
 mod strict;
 mod tls;
+pub mod token;
 mod will;
 mod ws;
 
@@ -91,6 +92,9 @@ pub enum BrokerError {
     /// The runtime or the router could not start.
     #[error("cannot start the broker: {0}")]
     Start(String),
+    /// The token key (`[broker.auth.jwt]`) could not be used.
+    #[error("[broker.auth.jwt]: {0}")]
+    TokenKey(#[from] token::KeyError),
     /// The TLS listener's certificate, key or client CA could not be used.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -108,6 +112,7 @@ pub enum BrokerError {
 pub(crate) struct Shared {
     config: BrokerConfig,
     passwords: Option<auth::PasswordFile>,
+    tokens: Option<token::Verifier>,
     router: router::Router,
     sessions: sessions::Sessions,
     stats: Arc<Stats>,
@@ -311,6 +316,17 @@ impl Broker {
         system_topic: Option<String>,
     ) -> Result<BrokerHandle, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
+        let mut config = config;
+        // Permissions become rules once, here, under the bus's prefix.
+        config.acl = std::mem::take(&mut config.acl)
+            .compile(&config.prefix)
+            .map_err(BrokerError::Config)?;
+        let tokens = config
+            .auth
+            .jwt
+            .as_ref()
+            .map(|j| token::Verifier::load(j, &config.prefix))
+            .transpose()?;
         let passwords = config
             .auth
             .password_file
@@ -359,6 +375,7 @@ impl Broker {
                     config.acl.clone(),
                 ),
                 passwords,
+                tokens,
                 sessions: sessions::Sessions::default(),
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),

@@ -60,6 +60,8 @@ pub(crate) enum End {
     Shutdown,
     /// The client read nothing for `write_timeout`.
     Stalled(String),
+    /// The client's token expired.
+    TokenExpired,
 }
 
 /// What a client sent, cut to a length fit for a log line (a client id or topic can be

@@ -130,11 +130,6 @@ impl Tree {
         format!("{}/system/reply/{client_id}", self.prefix)
     }
 
-    /// `P/system/reply/cli`: the reply topic every `edgebus call` shares.
-    pub fn cli_reply(&self) -> String {
-        self.reply("cli")
-    }
-
     /// `P/system/broker`: where the embedded broker publishes about itself.
     pub fn broker(&self) -> String {
         format!("{}/system/broker", self.prefix)
@@ -246,6 +241,6 @@ mod tests {
         assert_eq!(t.service_of(&t.request("echo", "x")), Some("echo"));
         let deep = Tree::new("site/a");
         assert_eq!(deep.service_of(&deep.request("kv", "put")), Some("kv"));
-        assert_eq!(deep.cli_reply(), "site/a/system/reply/cli");
+        assert_eq!(deep.reply("c-1"), "site/a/system/reply/c-1");
     }
 }

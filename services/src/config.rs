@@ -139,6 +139,20 @@ impl TopicsFile {
                 });
             }
         }
+        if let Some(jwt) = &self.broker.auth.jwt {
+            if let Err(e) = edgebus_broker::token::Verifier::load(jwt, &self.bus.prefix) {
+                let key = match jwt.algorithm {
+                    edgebus_broker::token::JwtAlgorithm::HS256 => "secret_file",
+                    _ => "public_key",
+                };
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "broker.auth.jwt", key),
+                    key: Some(format!("broker.auth.jwt.{key}")),
+                    message: e.to_string(),
+                });
+            }
+        }
         if let Some(dir) = self.broker.persistence.resolved_dir() {
             // The broker makes the directory itself; its parent must be there.
             let (checked, what) = if dir.exists() {
@@ -222,7 +236,23 @@ impl TopicsFile {
             }
         };
         file.bus.validate().map_err(|m| locate("bus", m))?;
-        file.broker.validate().map_err(|m| locate("broker", m))?;
+        file.broker.validate().map_err(|m| {
+            // `acl.permissions.alice[0] …`: the user's line in [broker.acl.permissions].
+            match m.strip_prefix("acl.permissions.") {
+                Some(rest) => {
+                    let user = rest.split(['[', ' ']).next().unwrap_or_default();
+                    ConfigError {
+                        file: path.to_owned(),
+                        line: find_key(text, "broker.acl.permissions", user),
+                        key: Some(format!("broker.acl.permissions.{user}")),
+                        message: m,
+                    }
+                }
+                None => locate("broker", m),
+            }
+        })?;
+        let mut file = file;
+        file.broker.prefix = file.bus.prefix.clone();
         contract::validate(&file.service, &file.bus.prefix).map_err(|e| ConfigError {
             file: path.to_owned(),
             line: find_path(text, &e.path),

@@ -16,3 +16,4 @@ mod readme;
 mod runtime;
 mod saga;
 mod security;
+mod tokens;

@@ -83,6 +83,10 @@ pub(crate) struct Conn {
     committed: Option<tokio::sync::watch::Receiver<u64>>,
     /// Session Expiry Interval the client asked for (MQTT 5; DISCONNECT may change it).
     pub expiry: u32,
+    /// What the client's token grants beyond the configured ACL.
+    pub grants: Arc<[crate::acl::AclRule]>,
+    /// When the client's token expires, ending the connection.
+    pub expires: Option<Instant>,
 }
 
 /// A connection's publish rate limits, and the drops not yet logged.
@@ -157,6 +161,8 @@ impl Conn {
             acks: VecDeque::new(),
             committed: shared.store.get().map(|s| s.committed()),
             expiry: hello.expiry,
+            grants: Arc::from([]),
+            expires: None,
             shared,
         }
     }
@@ -165,6 +171,7 @@ impl Conn {
         Principal {
             user: self.user.as_deref(),
             client_id: &self.client_id,
+            grants: &self.grants,
         }
     }
 
@@ -316,6 +323,9 @@ impl Conn {
                 _ = commit(&mut committed), if !self.acks.is_empty() => {}
                 _ = sleep_until(deadline), if !self.keep_alive.is_zero() => {
                     return End::KeepAlive;
+                }
+                _ = sleep_until(self.expires.unwrap_or(deadline)), if self.expires.is_some() => {
+                    return End::TokenExpired;
                 }
             }
         }

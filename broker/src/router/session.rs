@@ -22,6 +22,7 @@ use super::journal::{pkid_of, unix_ms, Change, Image, Journal};
 #[cfg(test)]
 use super::message::Message;
 pub(crate) use super::message::{Queued, SubOptions};
+use crate::acl::AclRule;
 
 /// What is waiting for an acknowledgement.
 #[derive(Debug)]
@@ -103,6 +104,9 @@ pub(crate) struct Session {
     id: u64,
     client_id: String,
     owner: Option<String>,
+    /// What the credentials of its latest connection grant beyond the configured ACL (a
+    /// token's permissions); read when a message is routed to it.
+    grants: Mutex<Arc<[AclRule]>>,
     state: Mutex<State>,
     connected: AtomicBool,
     /// Counts attaches: a connection leaves only the attachment it made.
@@ -125,6 +129,7 @@ impl Session {
             id,
             client_id: client_id.to_owned(),
             owner: owner.map(str::to_owned),
+            grants: Mutex::new(Arc::from([])),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -182,6 +187,19 @@ impl Session {
     /// The user that owns it.
     pub fn owner(&self) -> Option<&str> {
         self.owner.as_deref()
+    }
+
+    /// What its client's credentials grant beyond the configured ACL.
+    pub fn grants(&self) -> Arc<[AclRule]> {
+        self.grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets what its client's credentials grant: each connection's own.
+    pub fn set_grants(&self, grants: Arc<[AclRule]>) {
+        *self.grants.lock().unwrap_or_else(|e| e.into_inner()) = grants;
     }
 
     /// Whether a connection serves it now.

@@ -6,7 +6,6 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use edgebus_runtime::bus::{random_u64, Bus, BusOptions, ConnectFailure};
 use edgebus_runtime::request::{RequestError, RequestOptions};
-use edgebus_runtime::tree::Tree;
 use edgebus_runtime::wire::{timestamp, ReplyBody};
 
 use crate::config::TopicsFile;
@@ -42,9 +41,8 @@ pub async fn call(
         format!("edgebus-call-{:08x}", random_u64() as u32),
     )
     .prefix(file.bus.prefix.clone());
-    // One reply topic shared by every `edgebus call`: replies are told apart by their
-    // correlation data, and the broker does not gain a filter per call.
-    o.reply_topic = Some(Tree::new(&file.bus.prefix).cli_reply());
+    // Replies come back on the call's own reply topic (`P/system/reply/{client id}`), the
+    // one an ACL lets a caller read, and no other caller can.
     o.max_payload = file.broker.max_payload.0 as usize;
     o.queue_capacity = 8;
     o.credentials = edgebus_runtime::env::credentials(&file.bus)?;

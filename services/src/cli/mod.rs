@@ -54,6 +54,26 @@ enum Cmd {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Mints a token (a JWT) for SUBJECT with the key `[broker.auth.jwt]` names; clients
+    /// send it as their MQTT password.
+    Token {
+        /// Who the token is for: the username it logs in as.
+        subject: String,
+        /// A permission it grants (repeat for more), e.g. `echo:call`, `echo:serve`,
+        /// `edge/sensors/#:write`.
+        #[arg(long = "permission", short = 'p')]
+        permissions: Vec<String>,
+        /// How long it is valid, e.g. `1h`, `30d`.
+        #[arg(long, default_value = "1h", value_parser = positive_duration)]
+        ttl: Duration,
+        /// The private key to sign with (RS256, ES256, EdDSA), when `[broker.auth.jwt]` names
+        /// none.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// topics.toml (default: built-in defaults).
+        #[arg(short, long, env = "EDGEBUS_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Measures brokers: round trips, fan-in, fan-out, connection rate, memory.
     Bench(bench::BenchArgs),
     /// Runs one built-in service (echo, hostmetrics, kv) against any MQTT 5 broker.
@@ -294,6 +314,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             user,
             password,
         } => crate::passwd::run(&file, &user, password),
+        Cmd::Token {
+            subject,
+            permissions,
+            ttl,
+            key,
+            config,
+        } => {
+            let file = load(config.as_deref())?;
+            let jwt = file.broker.auth.jwt.as_ref().ok_or_else(|| {
+                anyhow!("topics.toml has no [broker.auth.jwt]: there is no key to sign with")
+            })?;
+            let token =
+                edgebus_broker::token::mint(jwt, key.as_deref(), &subject, &permissions, ttl)
+                    .map_err(|e| anyhow!("{e}"))?;
+            println!("{token}");
+            Ok(())
+        }
         Cmd::Bench(args) => bench::run(args),
     }
 }

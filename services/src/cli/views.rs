@@ -17,7 +17,6 @@ fn cli_bus(file: &TopicsFile, broker: Option<&str>) -> anyhow::Result<Bus> {
     let broker = broker.unwrap_or(&file.bus.broker).to_owned();
     let mut o = BusOptions::new(broker, format!("edgebus-view-{:08x}", random_u64() as u32))
         .prefix(file.bus.prefix.clone());
-    o.reply_topic = Some(Tree::new(&file.bus.prefix).cli_reply());
     o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
     Ok(Bus::connect(o)?)
 }
