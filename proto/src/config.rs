@@ -10,7 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct BusConfig {
     /// First level of every edgebus topic (`edge` → `edge/health/#`).
     pub prefix: String,
-    /// Broker the services connect to, as `host:port`.
+    /// Broker the services connect to: `host:port`, or `mqtts://host[:port]` for MQTT over
+    /// TLS.
     pub broker: String,
     /// Username the bus's parts, services and `edgebus call` connect with
     /// (`EDGEBUS_USERNAME` overrides it).
@@ -18,6 +19,14 @@ pub struct BusConfig {
     /// File holding their password, never the password itself (`EDGEBUS_PASSWORD_FILE`,
     /// `EDGEBUS_PASSWORD` and, under systemd, the credential `edgebus-password` override it).
     pub password_file: Option<std::path::PathBuf>,
+    /// For an `mqtts://` broker: the CA certificates (PEM) its certificate must chain to
+    /// (`EDGEBUS_CA_FILE` overrides it; none: the system's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// For an `mqtts://` broker that asks for client certificates: the certificate (PEM;
+    /// `EDGEBUS_CERT` overrides it).
+    pub cert: Option<std::path::PathBuf>,
+    /// Its key (PEM; `EDGEBUS_KEY` overrides it).
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl Default for BusConfig {
@@ -27,6 +36,9 @@ impl Default for BusConfig {
             broker: "127.0.0.1:1883".into(),
             username: None,
             password_file: None,
+            ca_file: None,
+            cert: None,
+            key: None,
         }
     }
 }

@@ -20,6 +20,21 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// TLS files for an `mqtts://` broker: `EDGEBUS_CA_FILE`, `EDGEBUS_CERT` and `EDGEBUS_KEY`,
+/// else `[bus] ca_file`, `cert` and `key`.
+pub fn tls(bus: &BusConfig) -> crate::bus::TlsOptions {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    crate::bus::TlsOptions {
+        ca_file: var("EDGEBUS_CA_FILE").or_else(|| bus.ca_file.clone()),
+        cert: var("EDGEBUS_CERT").or_else(|| bus.cert.clone()),
+        key: var("EDGEBUS_KEY").or_else(|| bus.key.clone()),
+    }
+}
+
 /// The `[[service]]` contracts of a topics.toml, checked (its `[bus]` too, since the
 /// contracts' topics depend on its prefix).
 pub fn load_contract(path: impl AsRef<Path>) -> Result<Vec<ServiceSpec>, ConfigError> {
@@ -152,6 +167,7 @@ impl Environment {
             instance,
         );
         o.credentials = credentials(&self.bus)?;
+        o.tls = tls(&self.bus);
         Ok(o)
     }
 }

@@ -129,6 +129,31 @@ impl TopicsFile {
                 message: e.to_string(),
             });
         }
+        // TLS to the broker, as each part sets it up.
+        let address = edgebus_runtime::bus::BrokerAddress::parse(&self.bus.broker);
+        if address.as_ref().is_some_and(|a| a.tls) {
+            let files = edgebus_runtime::env::tls(&self.bus);
+            if let Err(message) = edgebus_runtime::bus::client_config(&files) {
+                // The message names the file at fault; a CA problem otherwise.
+                let names = |f: &Option<PathBuf>| {
+                    f.as_ref()
+                        .is_some_and(|f| message.contains(&*f.to_string_lossy()))
+                };
+                let key = if names(&files.cert) {
+                    "cert"
+                } else if names(&files.key) {
+                    "key"
+                } else {
+                    "ca_file"
+                };
+                return Err(ConfigError {
+                    file: path.to_owned(),
+                    line: find_key(text, "bus", key),
+                    key: Some(format!("bus.{key}")),
+                    message,
+                });
+            }
+        }
         if let Some(pw) = &self.broker.auth.password_file {
             if let Err(e) = edgebus_broker::auth::PasswordFile::load(pw) {
                 return Err(ConfigError {

@@ -535,3 +535,107 @@ fn forged_identity_properties_are_removed() {
         "forged names removed: {got}"
     );
 }
+
+/// The runtime over TLS: a service, `edgebus call` and the views reach a broker at
+/// `mqtts://host:port`, trusting the CA `EDGEBUS_CA_FILE` names, with a client certificate
+/// when the broker asks for one; a broker whose certificate the CA did not sign is refused.
+#[test]
+fn the_runtime_speaks_mqtts() {
+    let dir = TempDir::new("mqtts");
+    pki(&dir, "one", &["server", "svc"]);
+    pki(&dir, "other", &["server"]);
+    let (_b, _plain, tls) = tls_broker(&dir, "one", Some("one-ca.pem"));
+    let url = format!("mqtts://localhost:{tls}");
+    let file = |n: &str| dir.0.join(n).display().to_string();
+    let with_tls = |cmd: &mut std::process::Command, ca: &str| {
+        cmd.env("EDGEBUS_CA_FILE", file(ca))
+            .env("EDGEBUS_CERT", file("one-svc.pem"))
+            .env("EDGEBUS_KEY", file("one-svc.key"));
+    };
+    let mut svc = edgebus();
+    svc.args(["service", "echo", "--broker", &url]);
+    with_tls(&mut svc, "one-ca.pem");
+    let _svc = Proc::spawn(svc).expect_ready();
+    let mut discovery = edgebus();
+    discovery.args(["discovery", "--broker", &url]);
+    with_tls(&mut discovery, "one-ca.pem");
+    let _discovery = Proc::spawn(discovery).expect_ready();
+
+    let mut call = edgebus();
+    with_tls(&mut call, "one-ca.pem");
+    let out = run_command(
+        call,
+        &["call", "echo/echo", r#"{"over":"tls"}"#, "--broker", &url],
+        None,
+        T,
+    );
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains(r#""over":"tls""#), "{}", out.stdout);
+    let mut services = edgebus();
+    with_tls(&mut services, "one-ca.pem");
+    let out = run_command(services, &["services", "--broker", &url], None, T);
+    assert!(
+        out.ok && out.stdout.contains("echo"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+
+    // Trusting another CA: the broker's certificate is refused, and the reason said.
+    let mut call = edgebus();
+    with_tls(&mut call, "other-ca.pem");
+    let out = run_command(
+        call,
+        &[
+            "call",
+            "echo/echo",
+            "{}",
+            "--broker",
+            &url,
+            "--timeout",
+            "3s",
+        ],
+        None,
+        T,
+    );
+    assert!(!out.ok, "a broker certificate from another CA was trusted");
+    assert!(
+        out.stderr.to_lowercase().contains("certificate"),
+        "the reason is said: {}",
+        out.stderr
+    );
+    // No client certificate for a broker that asks for one.
+    let mut call = edgebus();
+    call.env("EDGEBUS_CA_FILE", file("one-ca.pem"));
+    let out = run_command(
+        call,
+        &[
+            "call",
+            "echo/echo",
+            "{}",
+            "--broker",
+            &url,
+            "--timeout",
+            "3s",
+        ],
+        None,
+        T,
+    );
+    assert!(!out.ok, "no client certificate, yet served");
+    // A CA file that is not there is a config error naming the key.
+    let cfg = dir.file(
+        "mqtts.toml",
+        &format!("[bus]\nbroker = \"{url}\"\nca_file = \"/nonexistent/ca.pem\"\n"),
+    );
+    let out = run_edgebus(
+        &["check-config", "-c", cfg.to_str().expect("utf-8")],
+        None,
+        T,
+    );
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("bus.ca_file") && out.stderr.contains("/nonexistent/ca.pem"),
+        "{}",
+        out.stderr
+    );
+}

@@ -19,9 +19,12 @@ pub enum BusError {
         /// The limit.
         limit: usize,
     },
-    /// The broker address is not `host:port`.
-    #[error("broker address `{0}` is not host:port")]
+    /// The broker address is not `host:port`, `mqtt://host[:port]` or `mqtts://host[:port]`.
+    #[error("broker address `{0}` is not host:port, mqtt://host[:port] or mqtts://host[:port]")]
     InvalidAddress(String),
+    /// TLS to the broker cannot be set up (a CA, certificate or key file).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A topic or filter is not valid.
     #[error("invalid topic `{0}`: {1}")]
     InvalidTopic(String, &'static str),

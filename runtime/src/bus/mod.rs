@@ -36,6 +36,7 @@ mod options;
 mod policy;
 mod publish;
 mod subscribe;
+mod tls;
 
 pub use connection::ConnectFailure;
 use connection::{drive, forget};
@@ -43,6 +44,7 @@ pub use message::*;
 pub use options::{BusOptions, Will};
 pub use policy::TargetPolicy;
 pub use subscribe::Subscriber;
+pub use tls::{client_config, BrokerAddress, TlsOptions};
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -179,9 +181,19 @@ impl Bus {
             // A client id a topic level cannot hold (`+`, `#`) gets no reply topic.
             options.reply_topic = check_topic(&topic).is_ok().then_some(topic);
         }
-        let (host, port) = split_host_port(&options.broker)
+        let address = BrokerAddress::parse(&options.broker)
             .ok_or_else(|| BusError::InvalidAddress(options.broker.clone()))?;
-        let mut mqtt = MqttOptions::new(options.client_id.clone(), host, port);
+        let mut mqtt = MqttOptions::new(
+            options.client_id.clone(),
+            address.host.clone(),
+            address.port,
+        );
+        if address.tls {
+            let config = client_config(&options.tls).map_err(BusError::Tls)?;
+            mqtt.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
         mqtt.set_keep_alive(options.keep_alive.max(Duration::from_secs(5)));
         mqtt.set_clean_start(true);
         mqtt.set_max_packet_size(Some(options.max_incoming_packet));

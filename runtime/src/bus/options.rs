@@ -7,7 +7,8 @@ use edgebus_proto::tree::Tree;
 /// How a [`Bus`] connects. Its `Debug` never shows the password.
 #[derive(Clone)]
 pub struct BusOptions {
-    /// Broker address, `host:port`.
+    /// Broker address: `host:port`, `mqtt://host[:port]`, or `mqtts://host[:port]` for MQTT
+    /// over TLS.
     pub broker: String,
     /// MQTT client id; unique per process.
     pub client_id: String,
@@ -15,6 +16,8 @@ pub struct BusOptions {
     pub prefix: String,
     /// Username and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
+    /// CA, client certificate and key for an `mqtts://` broker.
+    pub tls: TlsOptions,
     /// MQTT keep-alive (at least 5 s: rumqttc's v5 client refuses less). A dead broker is
     /// noticed after about twice this.
     pub keep_alive: Duration,
@@ -63,6 +66,7 @@ impl std::fmt::Debug for BusOptions {
             .field("client_id", &self.client_id)
             .field("prefix", &self.prefix)
             .field("credentials", &credentials)
+            .field("tls", &self.tls)
             .field("keep_alive", &self.keep_alive)
             .field("queue_capacity", &self.queue_capacity)
             .field("publish_timeout", &self.publish_timeout)
@@ -102,6 +106,7 @@ impl BusOptions {
             client_id: client_id.into(),
             prefix: "edge".into(),
             credentials: None,
+            tls: TlsOptions::default(),
             keep_alive: Duration::from_secs(5),
             queue_capacity: 256,
             publish_timeout: Duration::from_secs(2),

@@ -46,6 +46,7 @@ pub async fn call(
     o.max_payload = file.broker.max_payload.0 as usize;
     o.queue_capacity = 8;
     o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
+    o.tls = edgebus_runtime::env::tls(&file.bus);
     let bus = Bus::connect(o)?;
     let t0 = std::time::Instant::now();
     // The first failure ends the call at once, with its reason (a refused connection, bad

@@ -18,6 +18,7 @@ fn cli_bus(file: &TopicsFile, broker: Option<&str>) -> anyhow::Result<Bus> {
     let mut o = BusOptions::new(broker, format!("edgebus-view-{:08x}", random_u64() as u32))
         .prefix(file.bus.prefix.clone());
     o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
+    o.tls = edgebus_runtime::env::tls(&file.bus);
     Ok(Bus::connect(o)?)
 }
 

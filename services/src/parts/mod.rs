@@ -29,6 +29,7 @@ pub fn service_options(
     let mut o = BusOptions::for_service(broker, file.bus.prefix.clone(), service, instance);
     o.max_payload = file.broker.max_payload.0 as usize;
     o.credentials = edgebus_runtime::env::credentials(&file.bus)?;
+    o.tls = edgebus_runtime::env::tls(&file.bus);
     Ok(o)
 }
 
