@@ -199,7 +199,7 @@ fn check_pattern(pattern: &str) -> Result<(), String> {
 /// | `SERVICE:call` | requests to every endpoint of the service (`P/SERVICE/+/request`), and the caller's own reply topic (`P/system/reply/{client id}`, read and write) |
 /// | `SERVICE/ENDPOINT:call`, `saga/NAME:call` | requests to that one endpoint or saga (`P/…/request`), and the reply topic |
 /// | `SERVICE:serve` | what an instance of the service does, as itself only: read its requests; write its replies (to callers' reply topics, or `…/result` and `…/error`), its events, and its own registration and heartbeat (`…/SERVICE/{client id}`, the instance id being the client id), its dead letters; read its own registration, the broker's lag reports; read and write `P/broadcast/+` |
-/// | `edgebus:discovery`, `edgebus:health`, `edgebus:orchestrator` | what that part of the bus reads and writes, and nothing else |
+/// | `edgebus:discovery`, `edgebus:health`, `edgebus:orchestrator` | what that part of the bus reads and writes, and nothing else (each also serves as the service `discovery`, `health-monitor` or `orchestrator`) |
 /// | `edgebus:watch` | what `edgebus services` and `edgebus health` read: registrations, health, saga runs, broker stats |
 ///
 /// `edgebus up` runs its parts under one identity: give it the three part permissions and a
@@ -262,7 +262,13 @@ pub fn expand(permission: &str, prefix: &str) -> Result<Vec<AclRule>, String> {
             ]
         }
         "discovery" | "health" | "orchestrator" | "watch" if what == "edgebus" => {
-            let mut rules = vec![own_reply(), lag()];
+            // A part is an instance of a service of its own name (registration, heartbeat).
+            let mut rules = match verb {
+                "discovery" => expand("discovery:serve", prefix)?,
+                "health" => expand("health-monitor:serve", prefix)?,
+                "orchestrator" => expand("orchestrator:serve", prefix)?,
+                _ => vec![own_reply(), lag()],
+            };
             let mut add = |topic: &str, access| rules.push(rule(format!("{p}/{topic}"), access));
             match verb {
                 "discovery" => {
@@ -270,7 +276,6 @@ pub fn expand(permission: &str, prefix: &str) -> Result<Vec<AclRule>, String> {
                     add("+/+/request", Access::Read);
                     add("+/+/error", Access::Write);
                     add("system/reply/+", Access::Write);
-                    add("health/heartbeat/discovery/%c", Access::Write);
                 }
                 "health" => {
                     add("health/heartbeat/+/+", Access::Read);

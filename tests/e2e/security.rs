@@ -639,3 +639,197 @@ fn the_runtime_speaks_mqtts() {
         out.stderr
     );
 }
+
+/// The shipped template, examples/secure/topics.toml, with its paths pointed into `dir`
+/// and its listeners on free ports.
+fn secure_template(dir: &TempDir) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/secure/topics.toml"),
+    )
+    .expect("examples/secure/topics.toml");
+    let d = dir.0.display().to_string();
+    let text = text
+        .replace(
+            "/etc/edgebus/tls/server.pem",
+            &format!("{d}/one-server.pem"),
+        )
+        .replace(
+            "/etc/edgebus/tls/server.key",
+            &format!("{d}/one-server.key"),
+        )
+        .replace("/etc/edgebus/", &format!("{d}/"))
+        .replace("127.0.0.1:1883", "127.0.0.1:0")
+        .replace("0.0.0.0:8883", "127.0.0.1:0");
+    dir.file("secure.toml", &text)
+}
+
+/// The whole bus on the shipped template: TLS, a password file, anonymous clients refused
+/// and the deny-by-default ACL. Every part, a service on its own login over TLS, and a
+/// caller do their work and are refused nothing; what each of them may not do is refused
+/// and logged: a forged registration, heartbeat, reply, health status, a request without
+/// permission, another caller's replies, and anonymous clients.
+#[test]
+fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
+    let dir = TempDir::new("secure");
+    pki(&dir, "one", &["server"]);
+    password_file(
+        &dir,
+        &[
+            ("edgebus", "bus-secret"),
+            ("kv", "kv-secret"),
+            ("alice", "alice-pw"),
+            ("bob", "bob-pw"),
+        ],
+    );
+    dir.file("bus.password", "bus-secret\n");
+    let cfg = secure_template(&dir);
+    let c = cfg.to_str().expect("utf-8");
+    let check = run_edgebus(&["check-config", "-c", c], None, T);
+    assert!(check.ok, "{}{}", check.stdout, check.stderr);
+
+    let mut cmd = edgebus();
+    cmd.args(["up", "-c", c]);
+    let up = Proc::spawn(cmd);
+    let plain = broker_addr(&up);
+    let tls = up.expect_line("edgebus TLS listening on ", T);
+    let tls = tls.rsplit(':').next().expect("port").trim().to_owned();
+    up.expect_line("all parts ready", Duration::from_secs(15));
+    let url = format!("mqtts://localhost:{tls}");
+    let ca = dir.0.join("one-ca.pem").display().to_string();
+    let login = |cmd: &mut std::process::Command, user: &str, pw: &str| {
+        cmd.env("EDGEBUS_USERNAME", user)
+            .env("EDGEBUS_PASSWORD", pw)
+            .env("EDGEBUS_CA_FILE", &ca);
+    };
+
+    // A service on its own login, over TLS.
+    let mut kv = edgebus();
+    kv.args(["service", "kv", "--broker", &url]);
+    login(&mut kv, "kv", "kv-secret");
+    let _kv = Proc::spawn(kv).expect_ready();
+
+    // A caller, over TLS: echo (run by `edgebus up`), kv's `get`, and the views.
+    let call = |user: &str, pw: &str, target: &str, body: &str| {
+        let mut cmd = edgebus();
+        login(&mut cmd, user, pw);
+        run_command(
+            cmd,
+            &["call", target, body, "--broker", &url, "--timeout", "3s"],
+            None,
+            T,
+        )
+    };
+    let out = call("alice", "alice-pw", "echo/echo", r#"{"n":1}"#);
+    assert!(
+        out.ok && out.stdout.contains(r#""n":1"#),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let out = call("alice", "alice-pw", "kv/get", r#"{"key":"k"}"#);
+    assert!(
+        out.stdout.contains(r#""service":"kv""#),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    for view in ["services", "health"] {
+        let mut cmd = edgebus();
+        login(&mut cmd, "alice", "alice-pw");
+        let out = run_command(cmd, &[view, "--broker", &url], None, T);
+        assert!(out.ok, "{view}: {}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("kv"), "{view}: {}", out.stdout);
+    }
+    // So far nothing was refused: the template grants every part what it does.
+    if let Some(line) = up.find_line("refused", Duration::from_millis(500)) {
+        panic!("the bus's own work was refused something: {line}");
+    }
+
+    // What each may not do: refused, and logged with the user and the topic.
+    let port = plain.port().to_string();
+    let forge = |user: &str, pw: &str, topic: &str| {
+        let (_, out) = publish(
+            &port,
+            &[
+                "-V",
+                "mqttv5",
+                "-u",
+                user,
+                "-P",
+                pw,
+                "-q",
+                "1",
+                "-i",
+                &format!("{user}-1"),
+                "-r",
+                "-t",
+                topic,
+                "-m",
+                r#"{"state":"online"}"#,
+            ],
+        );
+        assert!(out.contains("Not authorized"), "{user} → {topic}: {out}");
+        up.expect_line(
+            &format!("topic={topic} user=\"{user}\" reason=\"denied by ACL\""),
+            T,
+        );
+    };
+    // A caller forging a registration, a heartbeat, a reply and a health record.
+    forge("alice", "alice-pw", "edge/system/discovery/echo/alice-1");
+    forge("alice", "alice-pw", "edge/health/heartbeat/echo/alice-1");
+    forge("alice", "alice-pw", "edge/system/reply/bob-1");
+    forge("alice", "alice-pw", "edge/health/status/echo");
+    // A service forging another service's registration, or its own under another instance.
+    forge("kv", "kv-secret", "edge/system/discovery/echo/kv-1");
+    forge("kv", "kv-secret", "edge/system/discovery/kv/kv-2");
+    forge("kv", "kv-secret", "edge/health/summary");
+    // A caller without a permission: kv's `put`, and anything for bob.
+    forge("alice", "alice-pw", "edge/kv/put/request");
+    forge("bob", "bob-pw", "edge/echo/echo/request");
+    // Reading another caller's replies.
+    let (_, out) = run_tool(
+        "mosquitto_sub",
+        &port,
+        &[
+            "-V",
+            "mqttv5",
+            "-u",
+            "alice",
+            "-P",
+            "alice-pw",
+            "-t",
+            "edge/system/reply/bob-1",
+            "-W",
+            "1",
+        ],
+    );
+    assert!(out.contains("subscription requests were denied"), "{out}");
+    // Anonymous, and a wrong password: refused at CONNECT.
+    let (ok, _) = publish(&port, &["-t", "edge/system/discovery/echo/x", "-m", "{}"]);
+    assert!(!ok, "anonymous accepted");
+    up.expect_line("anonymous clients are not allowed", T);
+    let (ok, _) = publish(
+        &port,
+        &[
+            "-u",
+            "kv",
+            "-P",
+            "guess",
+            "-t",
+            "edge/kv/x/result",
+            "-m",
+            "{}",
+        ],
+    );
+    assert!(!ok, "a wrong password accepted");
+    up.expect_line("wrong username or password", T);
+
+    // Still serving, the registry unharmed.
+    let out = call("alice", "alice-pw", "echo/echo", r#"{"n":2}"#);
+    assert!(
+        out.ok && out.stdout.contains(r#""n":2"#),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}

@@ -36,21 +36,9 @@ where
             .probe("broker", Box::new(move |budget| prober.probe(budget)))
             .status(move || broker_status(addr, &counters.snapshot()))
             .ready();
-        // SIGHUP reads the TLS certificate and key again.
-        let mut hup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let stop = stop();
         tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = hup.recv() => {
-                    if let Err(e) = handle.reload_tls() {
-                        tracing::warn!(error = %e, "SIGHUP: the TLS files cannot be used; keeping the ones before");
-                    }
-                }
-            }
-        }
+        reload_on_sighup(&handle, &mut stop).await?;
         tracing::info!("signal received; shutting down");
         supervisor.stopping("stopping: closing client connections");
         Ok::<_, anyhow::Error>(())
@@ -58,4 +46,26 @@ where
     drop(rt);
     handle.shutdown(Duration::from_millis(1500));
     result
+}
+
+/// Waits for `stop`, reading the TLS certificate and key again at each SIGHUP meanwhile
+/// (`systemctl reload`).
+pub async fn reload_on_sighup<S>(
+    handle: &edgebus_broker::BrokerHandle,
+    stop: &mut std::pin::Pin<&mut S>,
+) -> std::io::Result<()>
+where
+    S: std::future::Future<Output = ()>,
+{
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = stop.as_mut() => return Ok(()),
+            _ = hup.recv() => {
+                if let Err(e) = handle.reload_tls() {
+                    tracing::warn!(error = %e, "SIGHUP: the TLS files cannot be used; keeping the ones before");
+                }
+            }
+        }
+    }
 }

@@ -166,7 +166,7 @@ where
                     });
                     tracing::info!(parts = parts.count, "all parts ready");
                     supervisor = Some(sup.ready());
-                    (&mut stop).await;
+                    super::broker::reload_on_sighup(&handle, &mut stop).await?;
                 }
             },
             _ = &mut stop => {}
