@@ -95,6 +95,22 @@ pub struct TlsConfig {
     /// this listener must present one (mTLS).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: the client certificate is the login, its subject's common name
+    /// (`"cn"`) or its first DNS subject alternative name (`"san"`) the username, as
+    /// mosquitto's `use_identity_as_username`. The CONNECT's username and password are then
+    /// not asked for.
+    #[serde(default)]
+    pub certificate_username: Option<CertificateUsername>,
+}
+
+/// Which name of a client certificate is the username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateUsername {
+    /// The subject's common name.
+    Cn,
+    /// The first DNS name of the subject alternative names.
+    San,
 }
 
 /// `[broker.persistence]`: the retained messages and persistent sessions kept on disk, so
@@ -273,6 +289,13 @@ impl BrokerConfig {
             return Err(
                 "persistence.sync must be at most 10s (acknowledgements wait for it)".into(),
             );
+        }
+        if let Some(tls) = &self.tls {
+            if tls.certificate_username.is_some() && tls.client_ca.is_none() {
+                return Err("tls.certificate_username needs tls.client_ca (the CA that vouches \
+                            for the certificates)"
+                    .into());
+            }
         }
         self.acl.validate()
     }

@@ -37,18 +37,30 @@ use crate::Shared;
 
 /// Serves one accepted socket until it closes.
 /// `local` and `peer` are the two ends of the TCP connection under `stream`.
-pub(crate) async fn serve<S>(stream: S, local: SocketAddr, peer: SocketAddr, shared: Arc<Shared>)
-where
+/// `certified` is the username a verified client certificate stands for, when the TLS
+/// listener takes it as the login.
+pub(crate) async fn serve<S>(
+    stream: S,
+    local: SocketAddr,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    certified: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    serve_inner(stream, local, peer, shared)
+    serve_inner(stream, local, peer, shared, certified)
         .instrument(span)
         .await;
 }
 
-async fn serve_inner<S>(mut stream: S, local: SocketAddr, peer: SocketAddr, shared: Arc<Shared>)
-where
+async fn serve_inner<S>(
+    mut stream: S,
+    local: SocketAddr,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    certified: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let cfg = &shared.config;
@@ -132,7 +144,7 @@ where
         user,
         grants,
         expires,
-    } = match authenticate(&shared, peer, login.as_ref()) {
+    } = match authenticate(&shared, peer, login.as_ref(), certified) {
         Ok(identity) => identity,
         Err((refusal, why)) => {
             bump(&shared.stats.refused);
@@ -451,6 +463,7 @@ fn authenticate(
     shared: &Shared,
     peer: SocketAddr,
     login: Option<&protocol::Login>,
+    certified: Option<String>,
 ) -> Result<Identity, (Refusal, String)> {
     use crate::config::Anonymous;
     let known = |user: String| Identity {
@@ -458,6 +471,10 @@ fn authenticate(
         grants: Arc::from([]),
         expires: None,
     };
+    // A client certificate the TLS handshake verified is the login.
+    if let Some(user) = certified {
+        return Ok(known(user));
+    }
     match (login, &shared.tokens, &shared.passwords) {
         (Some(l), Some(tokens), _) if crate::token::looks_like_jwt(l.password.as_bytes()) => {
             let token = tokens

@@ -646,6 +646,7 @@ impl BrokerHandle {
             self.local_addr,
             loopback,
             self.shared.clone(),
+            None,
         ));
         runtime.block_on(async {
             let (mut rx, mut tx) = tokio::io::split(client);

@@ -51,7 +51,7 @@ pub(crate) async fn accept_loop(
         };
         match kind {
             Kind::Tcp => {
-                tracker.spawn(crate::connection::serve(stream, local, peer, shared));
+                tracker.spawn(crate::connection::serve(stream, local, peer, shared, None));
             }
             Kind::WebSocket => {
                 tracker.spawn(crate::ws::serve(stream, local, peer, shared));

@@ -21,7 +21,7 @@ use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::TlsConfig;
+use crate::config::{CertificateUsername, TlsConfig};
 use crate::Shared;
 
 /// The TLS listener's certificate, key and client CA, as last read.
@@ -157,8 +157,79 @@ pub(crate) async fn serve(
     };
     let accept = tls.acceptor().accept(stream);
     match tokio::time::timeout(shared.config.connect_timeout, accept).await {
-        Ok(Ok(stream)) => crate::connection::serve(stream, local, peer, shared).await,
+        Ok(Ok(stream)) => {
+            // The handshake checked the certificate against `client_ca`; its name is the login.
+            let login = match tls.files.certificate_username {
+                Some(which) => {
+                    let name = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| certificate_name(c, which));
+                    match name {
+                        Some(n) => Some(n),
+                        None => {
+                            info!(%peer, ?which, "the client certificate has no such name; closing");
+                            return;
+                        }
+                    }
+                }
+                None => None,
+            };
+            crate::connection::serve(stream, local, peer, shared, login).await
+        }
         Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => debug!(%peer, "no TLS handshake within {:?}", shared.config.connect_timeout),
     }
+}
+
+/// The username a client certificate stands for: its subject's common name, or its first
+/// DNS subject alternative name.
+pub(crate) fn certificate_name(
+    cert: &CertificateDer<'_>,
+    which: CertificateUsername,
+) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+    let name = match which {
+        CertificateUsername::San => cert.valid_dns_names().next()?.to_owned(),
+        CertificateUsername::Cn => common_name(cert.subject())?,
+    };
+    // A username is one topic level (ACL patterns substitute it).
+    (!name.is_empty() && !name.contains(['/', '+', '#', '\0'])).then_some(name)
+}
+
+/// The common name in a subject's DER (without its outer SEQUENCE header).
+fn common_name(subject: &[u8]) -> Option<String> {
+    use simple_asn1::{oid, ASN1Block};
+    let mut der = vec![0x30];
+    match subject.len() {
+        n @ 0..=127 => der.push(n as u8),
+        n @ 128..=255 => der.extend([0x81, n as u8]),
+        n => der.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    der.extend_from_slice(subject);
+    let blocks = simple_asn1::from_der(&der).ok()?;
+    let Some(ASN1Block::Sequence(_, sets)) = blocks.first() else {
+        return None;
+    };
+    let cn = oid!(2, 5, 4, 3);
+    sets.iter()
+        .filter_map(|set| match set {
+            ASN1Block::Set(_, pairs) => Some(pairs),
+            _ => None,
+        })
+        .flatten()
+        .find_map(|pair| match pair {
+            ASN1Block::Sequence(_, v) => match v.as_slice() {
+                [ASN1Block::ObjectIdentifier(_, id), value] if *id == cn => match value {
+                    ASN1Block::UTF8String(_, s)
+                    | ASN1Block::PrintableString(_, s)
+                    | ASN1Block::IA5String(_, s) => Some(s.clone()),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
 }

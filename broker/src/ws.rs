@@ -45,7 +45,7 @@ pub(crate) async fn serve(
     };
     let handshake = tokio_tungstenite::accept_hdr_async(stream, select_mqtt);
     match tokio::time::timeout(shared.config.connect_timeout, handshake).await {
-        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), local, peer, shared).await,
+        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), local, peer, shared, None).await,
         Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
         Err(_) => info!(%peer, "no websocket handshake within {:?}", shared.config.connect_timeout),
     }

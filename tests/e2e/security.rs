@@ -833,3 +833,58 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
         out.stderr
     );
 }
+
+/// With `certificate_username`, a client certificate is the login: its common name is the
+/// username the ACL and the log see, and no password is asked for.
+#[test]
+fn a_client_certificate_is_the_login() {
+    let dir = TempDir::new("certlogin");
+    pki(&dir, "one", &["server", "alice"]);
+    let d = dir.0.display();
+    let broker = |which: &str| {
+        let cfg = dir.file(
+            &format!("{which}.toml"),
+            &format!(
+                "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n\
+                 [broker.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{d}/one-server.pem\"\n\
+                 key = \"{d}/one-server.key\"\nclient_ca = \"{d}/one-ca.pem\"\n\
+                 certificate_username = \"{which}\"\n\
+                 [broker.auth]\nanonymous = \"deny\"\n\
+                 [broker.acl]\ndefault = \"deny\"\n\
+                 [broker.acl.permissions]\nalice = [\"edge/alice/#:readwrite\"]\n"
+            ),
+        );
+        let mut cmd = edgebus();
+        cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
+        let p = Proc::spawn(cmd);
+        p.expect_line("edgebus broker listening on ", T);
+        let tls = p.expect_line("edgebus TLS listening on ", T);
+        let port = tls.rsplit(':').next().expect("port").trim().to_owned();
+        (p, port)
+    };
+    let cert = |n: &str| dir.0.join(n).display().to_string();
+    let as_alice = |port: &str, topic: &str| {
+        tls_tool(
+            &dir,
+            "mosquitto_pub",
+            port,
+            "one-ca.pem",
+            &[
+                "--cert", &cert("one-alice.pem"), "--key", &cert("one-alice.key"), "-V",
+                "mqttv5", "-q", "1", "-t", topic, "-m", "x",
+            ],
+        )
+    };
+    let (b, port) = broker("cn");
+    let (ok, out) = as_alice(&port, "edge/alice/t");
+    assert!(ok && !out.contains("Not authorized"), "{out}");
+    let (_, out) = as_alice(&port, "edge/bob/t");
+    assert!(out.contains("Not authorized"), "{out}");
+    b.expect_line("topic=edge/bob/t user=\"alice\" reason=\"denied by ACL\"", T);
+    drop(b);
+    // The certificate has no DNS name: with `san` it names nobody, and is closed.
+    let (b, port) = broker("san");
+    let (ok, _) = as_alice(&port, "edge/alice/t");
+    assert!(!ok, "a certificate without the name logged in");
+    b.expect_line("the client certificate has no such name", T);
+}
