@@ -87,6 +87,10 @@ pub struct BrokerConfig {
 pub struct TlsConfig {
     /// The TLS listener, e.g. `0.0.0.0:8883`.
     pub listen: SocketAddr,
+    /// Optional MQTT over WebSocket over TLS (`wss://`, subprotocol `mqtt`), with the same
+    /// certificate, e.g. `0.0.0.0:8084`.
+    #[serde(default)]
+    pub websocket: Option<SocketAddr>,
     /// The server's certificate chain (PEM), read again on SIGHUP and when it changes.
     pub cert: PathBuf,
     /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
@@ -292,9 +296,11 @@ impl BrokerConfig {
         }
         if let Some(tls) = &self.tls {
             if tls.certificate_username.is_some() && tls.client_ca.is_none() {
-                return Err("tls.certificate_username needs tls.client_ca (the CA that vouches \
+                return Err(
+                    "tls.certificate_username needs tls.client_ca (the CA that vouches \
                             for the certificates)"
-                    .into());
+                        .into(),
+                );
             }
         }
         self.acl.validate()

@@ -355,6 +355,13 @@ impl Broker {
         let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
         let tls_listener = config.tls.as_ref().map(|t| bind(t.listen)).transpose()?;
         let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let tls_ws = config
+            .tls
+            .as_ref()
+            .and_then(|t| t.websocket)
+            .map(bind)
+            .transpose()?;
+        let tls_ws_addr = tls_ws.as_ref().and_then(|l| l.local_addr().ok());
         let local_addr = tcp
             .local_addr()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -426,12 +433,16 @@ impl Broker {
                     tracker.clone(),
                 ));
             }
-            if let Some(l) = tls_listener {
+            for (l, kind) in [
+                (tls_listener, listener::Kind::Tls),
+                (tls_ws, listener::Kind::TlsWebSocket),
+            ] {
+                let Some(l) = l else { continue };
                 let l = tokio::net::TcpListener::from_std(l)
                     .map_err(|e| BrokerError::Start(e.to_string()))?;
                 tracker.spawn(listener::accept_loop(
                     l,
-                    listener::Kind::Tls,
+                    kind,
                     shared.clone(),
                     tracker.clone(),
                 ));
@@ -462,12 +473,13 @@ impl Broker {
                 report_lag(s, lag.as_ref())
             }));
         }
-        info!(%local_addr, websocket = ?ws_addr, tls = ?tls_addr, "broker listening (MQTT 3.1.1 and 5)");
+        info!(%local_addr, websocket = ?ws_addr, tls = ?tls_addr, tls_websocket = ?tls_ws_addr, "broker listening (MQTT 3.1.1 and 5)");
         Ok(BrokerHandle {
             runtime: Some(runtime),
             local_addr,
             ws_addr,
             tls_addr,
+            tls_ws_addr,
             shutdown,
             tracker,
             stats,
@@ -622,6 +634,7 @@ pub struct BrokerHandle {
     local_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
+    tls_ws_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stats: Arc<Stats>,
@@ -693,6 +706,11 @@ impl BrokerHandle {
     /// The TLS listener's address, if there is one.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The WebSocket-over-TLS listener's address, if there is one.
+    pub fn tls_websocket_addr(&self) -> Option<SocketAddr> {
+        self.tls_ws_addr
     }
 
     /// Reads the TLS certificate, key and client CA again (SIGHUP): new connections get

@@ -19,6 +19,8 @@ pub(crate) enum Kind {
     WebSocket,
     /// MQTT over TLS.
     Tls,
+    /// MQTT over WebSocket over TLS.
+    TlsWebSocket,
 }
 
 pub(crate) async fn accept_loop(
@@ -54,10 +56,13 @@ pub(crate) async fn accept_loop(
                 tracker.spawn(crate::connection::serve(stream, local, peer, shared, None));
             }
             Kind::WebSocket => {
-                tracker.spawn(crate::ws::serve(stream, local, peer, shared));
+                tracker.spawn(crate::ws::serve(stream, local, peer, shared, None));
             }
             Kind::Tls => {
-                tracker.spawn(crate::tls::serve(stream, local, peer, shared));
+                tracker.spawn(crate::tls::serve(stream, local, peer, shared, false));
+            }
+            Kind::TlsWebSocket => {
+                tracker.spawn(crate::tls::serve(stream, local, peer, shared, true));
             }
         }
     }

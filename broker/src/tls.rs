@@ -145,12 +145,14 @@ impl Tls {
     }
 }
 
-/// Completes the TLS handshake (within `connect_timeout`), then serves MQTT over it.
+/// Completes the TLS handshake (within `connect_timeout`), then serves MQTT over it, or
+/// over a WebSocket over it (`websocket`).
 pub(crate) async fn serve(
     stream: TcpStream,
     local: SocketAddr,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    websocket: bool,
 ) {
     let Some(tls) = shared.tls.as_ref() else {
         return;
@@ -177,7 +179,11 @@ pub(crate) async fn serve(
                 }
                 None => None,
             };
-            crate::connection::serve(stream, local, peer, shared, login).await
+            if websocket {
+                crate::ws::serve(stream, local, peer, shared, login).await
+            } else {
+                crate::connection::serve(stream, local, peer, shared, login).await
+            }
         }
         Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => debug!(%peer, "no TLS handshake within {:?}", shared.config.connect_timeout),

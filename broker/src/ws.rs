@@ -12,7 +12,6 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
@@ -23,12 +22,15 @@ use crate::Shared;
 
 // The callback's error type is tungstenite's, not ours.
 #[allow(clippy::result_large_err)]
-pub(crate) async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<S>(
+    stream: S,
     local: SocketAddr,
     peer: SocketAddr,
     shared: Arc<Shared>,
-) {
+    certified: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let select_mqtt = |req: &Request, mut resp: Response| {
         let offers_mqtt = req
             .headers()
@@ -45,7 +47,7 @@ pub(crate) async fn serve(
     };
     let handshake = tokio_tungstenite::accept_hdr_async(stream, select_mqtt);
     match tokio::time::timeout(shared.config.connect_timeout, handshake).await {
-        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), local, peer, shared, None).await,
+        Ok(Ok(ws)) => crate::connection::serve(WsIo::new(ws), local, peer, shared, certified).await,
         Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
         Err(_) => info!(%peer, "no websocket handshake within {:?}", shared.config.connect_timeout),
     }

@@ -870,8 +870,18 @@ fn a_client_certificate_is_the_login() {
             port,
             "one-ca.pem",
             &[
-                "--cert", &cert("one-alice.pem"), "--key", &cert("one-alice.key"), "-V",
-                "mqttv5", "-q", "1", "-t", topic, "-m", "x",
+                "--cert",
+                &cert("one-alice.pem"),
+                "--key",
+                &cert("one-alice.key"),
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-m",
+                "x",
             ],
         )
     };
@@ -880,11 +890,84 @@ fn a_client_certificate_is_the_login() {
     assert!(ok && !out.contains("Not authorized"), "{out}");
     let (_, out) = as_alice(&port, "edge/bob/t");
     assert!(out.contains("Not authorized"), "{out}");
-    b.expect_line("topic=edge/bob/t user=\"alice\" reason=\"denied by ACL\"", T);
+    b.expect_line(
+        "topic=edge/bob/t user=\"alice\" reason=\"denied by ACL\"",
+        T,
+    );
     drop(b);
     // The certificate has no DNS name: with `san` it names nobody, and is closed.
     let (b, port) = broker("san");
     let (ok, _) = as_alice(&port, "edge/alice/t");
     assert!(!ok, "a certificate without the name logged in");
     b.expect_line("the client certificate has no such name", T);
+}
+
+/// MQTT over WebSocket over TLS (`wss://`), with the TLS listener's certificate and its
+/// client-certificate login: only `alice` may write, and the message arrives.
+#[test]
+fn websocket_over_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = TempDir::new("wss");
+    pki(&dir, "one", &["server", "alice"]);
+    let d = dir.0.display();
+    let cfg = dir.file(
+        "wss.toml",
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:0\"\nstats_interval = \"0s\"\n\
+             [broker.tls]\nlisten = \"127.0.0.1:0\"\nwebsocket = \"127.0.0.1:0\"\n\
+             cert = \"{d}/one-server.pem\"\nkey = \"{d}/one-server.key\"\n\
+             client_ca = \"{d}/one-ca.pem\"\ncertificate_username = \"cn\"\n\
+             [broker.acl]\ndefault = \"deny\"\n\
+             [[broker.acl.rule]]\ntopic = \"wss/#\"\naccess = \"read\"\n\
+             [broker.acl.permissions]\nalice = [\"wss/#:write\"]\n"
+        ),
+    );
+    let mut cmd = edgebus();
+    cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
+    let b = Proc::spawn(cmd);
+    let plain = broker_addr(&b);
+    let wss = b.expect_line("edgebus TLS websocket listening on ", T);
+    let wss: std::net::SocketAddr = wss.rsplit(' ').next().expect("addr").parse().expect("addr");
+    let sub = Sub::start(&plain.port().to_string(), &["-t", "wss/#"]);
+    let file = |n: &str| Some(dir.0.join(n));
+    let config = edgebus_runtime::bus::client_config(&edgebus_runtime::bus::TlsOptions {
+        ca_file: file("one-ca.pem"),
+        cert: file("one-alice.pem"),
+        key: file("one-alice.key"),
+    })
+    .expect("client config");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(wss).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .expect("TLS handshake");
+        let mut req = format!("wss://localhost:{}/mqtt", wss.port())
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().expect("header"));
+        let (mut conn, _) = tokio::time::timeout(T, tokio_tungstenite::client_async(req, tls))
+            .await
+            .expect("websocket handshake in time")
+            .expect("websocket handshake");
+        conn.send(Message::Binary(connect_v311("wss-client", 30).into()))
+            .await
+            .expect("send");
+        let msg = tokio::time::timeout(T, conn.next())
+            .await
+            .expect("CONNACK in time")
+            .expect("frame")
+            .expect("ok");
+        assert_eq!(msg.into_data().as_ref(), &[0x20, 2, 0, 0], "accepted");
+        // PUBLISH wss/1 "hi", QoS 0.
+        let publish = [0x30, 8, 0, 5, b'w', b's', b's', b'/', b'1', b'h'];
+        conn.send(Message::Binary(publish.to_vec().into()))
+            .await
+            .expect("publish");
+    });
+    assert_eq!(sub.next(T).as_deref(), Some("wss/1 h"));
 }

@@ -379,6 +379,9 @@ fn startup_lines(handle: &edgebus_broker::BrokerHandle) {
     if let Some(tls) = handle.tls_addr() {
         println!("edgebus TLS listening on {tls}");
     }
+    if let Some(wss) = handle.tls_websocket_addr() {
+        println!("edgebus TLS websocket listening on {wss}");
+    }
     std::io::stdout().flush().ok();
 }
 
