@@ -228,12 +228,13 @@ fn common_name(subject: &[u8]) -> Option<String> {
         .flatten()
         .find_map(|pair| match pair {
             ASN1Block::Sequence(_, v) => match v.as_slice() {
-                [ASN1Block::ObjectIdentifier(_, id), value] if *id == cn => match value {
-                    ASN1Block::UTF8String(_, s)
-                    | ASN1Block::PrintableString(_, s)
-                    | ASN1Block::IA5String(_, s) => Some(s.clone()),
-                    _ => None,
-                },
+                [ASN1Block::ObjectIdentifier(_, id), ASN1Block::UTF8String(_, s)
+                | ASN1Block::PrintableString(_, s)
+                | ASN1Block::IA5String(_, s)]
+                    if *id == cn =>
+                {
+                    Some(s.clone())
+                }
                 _ => None,
             },
             _ => None,
