@@ -40,6 +40,9 @@ pub mod code {
     }
 }
 
+/// The MQTT 5 user property of a reply that says `ok` or the error code.
+pub const STATUS: &str = "status";
+
 /// The error part of a reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -783,7 +783,22 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     forge("kv", "kv-secret", "edge/system/discovery/echo/kv-1");
     forge("kv", "kv-secret", "edge/system/discovery/kv/kv-2");
     forge("kv", "kv-secret", "edge/health/summary");
-    // A caller without a permission: kv's `put`, and anything for bob.
+    // A caller without a permission learns it at once: FORBIDDEN, from the broker.
+    let t0 = std::time::Instant::now();
+    let out = call("alice", "alice-pw", "kv/put", r#"{"key":"k","value":1}"#);
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FORBIDDEN"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    up.expect_line(
+        "topic=edge/kv/put/request user=\"alice\" reason=\"denied by ACL\"",
+        T,
+    );
+    // The same by hand, and anything for bob.
     forge("alice", "alice-pw", "edge/kv/put/request");
     forge("bob", "bob-pw", "edge/echo/echo/request");
     // Reading another caller's replies.
@@ -970,4 +985,49 @@ fn websocket_over_tls() {
             .expect("publish");
     });
     assert_eq!(sub.next(T).as_deref(), Some("wss/1 h"));
+}
+
+/// A request the ACL refuses is answered by the broker at once on the caller's Response
+/// Topic: `UNAUTHORIZED` for an anonymous client, with its correlation data and `status`.
+#[test]
+fn a_refused_request_is_answered_unauthorized() {
+    let b = Broker::start_with(
+        "[broker.acl]\ndefault = \"deny\"\n\
+         [[broker.acl.rule]]\ntopic = \"edge/system/reply/+\"\naccess = \"read\"\n",
+    );
+    let (ok, out) = run_tool(
+        "mosquitto_rr",
+        &b.port(),
+        &[
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "edge/system/reply/anon",
+            "-m",
+            "{}",
+            "-W",
+            "3",
+            "-F",
+            "%P %p",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("status:UNAUTHORIZED"), "{out}");
+    assert!(out.contains(r#""code":"UNAUTHORIZED""#), "{out}");
+    // A Response Topic the client may not read gets nothing (its SUBSCRIBE is refused too).
+    let (_, out) = run_tool(
+        "mosquitto_rr",
+        &b.port(),
+        &[
+            "-t",
+            "edge/echo/echo/request",
+            "-e",
+            "elsewhere",
+            "-m",
+            "{}",
+            "-W",
+            "1",
+        ],
+    );
+    assert!(!out.contains("UNAUTHORIZED"), "{out}");
 }

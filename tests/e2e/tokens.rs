@@ -308,7 +308,8 @@ fn a_service_and_its_callers_log_in_with_tokens() {
         out.stderr
     );
 
-    // Without `echo:call`: the request is refused, and reading alice's replies too.
+    // Without `echo:call`: the request is refused (and answered), and reading alice's
+    // replies too.
     let (ok, out) = rr(
         &port,
         &[
@@ -328,7 +329,10 @@ fn a_service_and_its_callers_log_in_with_tokens() {
             "2",
         ],
     );
-    assert!(!ok, "bob called echo: {out}");
+    assert!(
+        ok && out.contains(r#""code":"FORBIDDEN""#),
+        "bob's request is answered FORBIDDEN by the broker at once: {out}"
+    );
     b.proc
         .expect_line("user=\"bob\" reason=\"denied by ACL\"", T);
     let (_, out) = run_tool(

@@ -57,6 +57,7 @@ impl Conn {
             .can_publish(self.principal(), topic_str)
         {
             let t = topic_str.to_owned();
+            self.answer_refused_request(&t, props.as_ref());
             return self.deny_publish(qos, pkid, &t, "denied by ACL");
         }
         if !self.limits.admit(publish.payload.len()) {
@@ -181,6 +182,64 @@ impl Conn {
             PubAckReason::QuotaExceeded,
             PubRecReason::QuotaExceeded,
         )
+    }
+
+    /// A request the ACL refused is answered at once, as a service would answer it: an error
+    /// reply on its MQTT 5 Response Topic, with its Correlation Data and the user property
+    /// `status`, so the caller learns why now rather than at its timeout. The code is
+    /// `UNAUTHORIZED` for an anonymous client ("log in") and `FORBIDDEN` for a known one
+    /// ("you may not"). Nothing is sent to a Response Topic the client may not read itself.
+    fn answer_refused_request(&self, topic: &str, props: Option<&PublishProperties>) {
+        let Some(reply_to) = props.and_then(|p| p.response_topic.as_deref()) else {
+            return;
+        };
+        if !wire::is_request_topic(topic)
+            || crate::acl::check_topic(reply_to).is_err()
+            || reply_to.starts_with('$')
+            || !self.shared.config.acl.can_read(self.principal(), reply_to)
+        {
+            return;
+        }
+        let (code, message) = match self.user.as_deref() {
+            None => (
+                wire::code::UNAUTHORIZED,
+                format!("the broker refused this request to {topic}: log in (anonymous clients may not send it)"),
+            ),
+            Some(user) => (
+                wire::code::FORBIDDEN,
+                format!("the broker refused this request to {topic}: user `{user}` has no permission for it"),
+            ),
+        };
+        let correlation = props.and_then(|p| p.correlation_data.clone());
+        let body = wire::ReplyBody {
+            success: false,
+            data: None,
+            error: Some(wire::ErrorBody::new(code, message)),
+            request_id: correlation
+                .as_ref()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .unwrap_or_default(),
+            correlation_id: None,
+            session_id: None,
+            service: None,
+            instance: None,
+            timestamp: wire::timestamp(),
+        };
+        let Ok(payload) = serde_json::to_vec(&body) else {
+            return;
+        };
+        let mut reply = super::outbound::empty_props();
+        reply.correlation_data = correlation;
+        reply.payload_format_indicator = Some(1);
+        reply.content_type = Some("application/json".into());
+        reply.user_properties = vec![(wire::STATUS.into(), code.into())];
+        self.shared.publish(
+            bytes::Bytes::copy_from_slice(reply_to.as_bytes()),
+            payload.into(),
+            1,
+            false,
+            Some(reply),
+        );
     }
 
     fn deny_publish(&mut self, qos: u8, pkid: u16, topic: &str, why: &str) -> Result<(), End> {

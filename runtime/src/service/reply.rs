@@ -190,7 +190,7 @@ impl ReplyAddress {
         let properties = PublishProperties {
             payload_format_indicator: Some(1),
             correlation_data: self.correlation_data.clone(),
-            user_properties: vec![("status".into(), status)],
+            user_properties: vec![(edgebus_proto::wire::STATUS.into(), status)],
             content_type: Some("application/json".into()),
             ..Default::default()
         };
