@@ -124,6 +124,101 @@ pub async fn connection_rate(addr: SocketAddr, opts: &BenchOptions) -> anyhow::R
         .delivered(ok as u64, want as u64))
 }
 
+/// A TLS client trusting the bench's CA ([`super::host::tls_files`]), resuming no session:
+/// every connection pays a full handshake, as a device's first connection does.
+fn tls_connector() -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let files = super::host::tls_files()?;
+    let config = edgebus_runtime::bus::client_config(&edgebus_runtime::bus::TlsOptions {
+        ca_file: Some(files.ca),
+        ..Default::default()
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let mut config = std::sync::Arc::unwrap_or_clone(config);
+    config.resumption = tokio_rustls::rustls::client::Resumption::disabled();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// A full TLS handshake (no session resumption), CONNECT, CONNACK, DISCONNECT.
+async fn tls_connect_once(
+    tls: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    id: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = tls.connect("localhost".try_into()?, tcp).await?;
+    s.write_all(&super::mqtt::connect_packet(id)).await?;
+    s.flush().await?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await?;
+    if ack[0] != 0x20 || ack[3] != 0 {
+        bail!("CONNACK refused: {ack:?}");
+    }
+    s.write_all(&[0xe0, 0]).await?;
+    let _ = s.shutdown().await;
+    Ok(())
+}
+
+/// TLS handshake + CONNECT → CONNACK → DISCONNECT, from 4 tasks at once.
+pub async fn tls_connection_rate(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<Figure> {
+    let workers = 4;
+    let per = opts.connections / 4 / workers;
+    let run = run_id();
+    let t0 = Instant::now();
+    let deadline = t0 + opts.timeout;
+    let tls = tls_connector()?;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (tls, run) = (tls.clone(), run.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            for i in 0..per {
+                if Instant::now() > deadline {
+                    break;
+                }
+                if tls_connect_once(&tls, addr, &format!("tr-{run}-{w}-{i}"))
+                    .await
+                    .is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap_or(0);
+    }
+    let rate = ok as f64 / t0.elapsed().as_secs_f64();
+    let want = per * workers;
+    Ok(Figure::new(rate, format!("{rate:.0} conn/s ({ok}/{want})"))
+        .delivered(ok as u64, want as u64))
+}
+
+/// One TLS connection at a time: handshake to CONNACK, p50 / p99 / p999.
+pub async fn tls_connect_latency(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<Figure> {
+    let run = run_id();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut failed = 0;
+    let deadline = Instant::now() + opts.timeout;
+    let tls = tls_connector()?;
+    for i in 0..opts.connections / 4 {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t0 = Instant::now();
+        match tls_connect_once(&tls, addr, &format!("tl-{run}-{i}")).await {
+            Ok(()) => hist.record(t0.elapsed().as_micros().max(1) as u64)?,
+            Err(_) => failed += 1,
+        }
+    }
+    percentiles(&hist, failed, "failed")
+}
+
 /// The broker's memory per idle connection, `n` of them held.
 pub async fn idle_memory(addr: SocketAddr, pid: u32, n: usize) -> anyhow::Result<Figure> {
     raise_fd_limit(n + 256);

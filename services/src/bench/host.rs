@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -69,7 +70,7 @@ pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 pub fn spawn_embedded(
     max_connections: usize,
     threads: usize,
-) -> anyhow::Result<(Spawned, SocketAddr)> {
+) -> anyhow::Result<(Spawned, SocketAddr, SocketAddr)> {
     let exe = std::env::current_exe()?;
     // The defaults, but for as many connections as the memory scenario holds, all from one
     // loopback client (its own user: let in beyond the per-address limit, but each one past it
@@ -77,11 +78,15 @@ pub fn spawn_embedded(
     let dir = std::env::temp_dir().join(format!("edgebus-bench-{}-{threads}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("topics.toml");
+    let tls = tls_files()?;
     std::fs::write(
         &conf,
         format!(
             "[broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n\
-             max_connections_per_address = {max_connections}\nthreads = {threads}\n"
+             max_connections_per_address = {max_connections}\nthreads = {threads}\n\
+             [broker.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            tls.cert.display(),
+            tls.key.display()
         ),
     )?;
     let mut child = Command::new(exe)
@@ -95,28 +100,142 @@ pub fn spawn_embedded(
         .context("starting edgebus broker")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let spawned = Spawned(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| anyhow!("edgebus broker printed `{}`", line.trim()))?;
-    Ok((spawned, addr))
+    let mut out = BufReader::new(stdout);
+    let mut address = || -> anyhow::Result<SocketAddr> {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        line.trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow!("edgebus broker printed `{}`", line.trim()))
+    };
+    let addr = address()?;
+    let tls = address()?;
+    Ok((spawned, addr, tls))
+}
+
+/// A CA and a server certificate for localhost (ECDSA P-256), made with openssl once per
+/// run, for the TLS listeners of the brokers started here.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+/// See [`TlsFiles`].
+pub fn tls_files() -> anyhow::Result<TlsFiles> {
+    let dir = std::env::temp_dir().join(format!("edgebus-bench-tls-{}", std::process::id()));
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    if files.key.exists() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bench CA",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .current_dir(&dir)
+            .args(&args)
+            .output()
+            .context("openssl (apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    // mosquitto reads the key as its own user.
+    std::fs::set_permissions(
+        &files.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    Ok(files)
 }
 
 /// Debian's `mosquitto` on a free loopback port, configured as the README's comparison says.
-pub fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+pub fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr, SocketAddr)> {
+    let free = || -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (port, tls_port) = (free()?, free()?);
+    let tls = tls_files()?;
     let dir = std::env::temp_dir().join(format!("edgebus-bench-mosquitto-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_connections -1\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+             persistence false\nmax_connections -1\n\
+             listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+            tls.cert.display(),
+            tls.key.display()
+        ),
     )?;
     let child = Command::new("mosquitto")
         .arg("-c")
@@ -127,14 +246,17 @@ pub fn spawn_mosquitto() -> anyhow::Result<(Spawned, SocketAddr)> {
         .context("starting mosquitto (apt-get install mosquitto)")?;
     let spawned = Spawned(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
     let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
+    while std::net::TcpStream::connect(addr).is_err()
+        || std::net::TcpStream::connect(tls_addr).is_err()
+    {
         if t0.elapsed() > Duration::from_secs(5) {
-            bail!("mosquitto did not listen on {addr}");
+            bail!("mosquitto did not listen on {addr} and {tls_addr}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((spawned, addr))
+    Ok((spawned, addr, tls_addr))
 }
 
 /// The machine and versions a run was made on, as Markdown lines.

@@ -76,7 +76,8 @@ impl BenchOptions {
 
 /// The scenario groups `--only` takes.
 pub const GROUPS: &[&str] = &[
-    "rtt", "runtime", "fan", "slow", "churn", "connect", "memory", "detect", "saga", "persist",
+    "rtt", "runtime", "fan", "slow", "churn", "connect", "tls", "memory", "detect", "saga",
+    "persist",
 ];
 
 impl Default for BenchOptions {
@@ -111,6 +112,9 @@ pub struct Target {
     pub addr: std::net::SocketAddr,
     /// Its process id, to read RSS from /proc.
     pub pid: Option<u32>,
+    /// Its MQTT-over-TLS listener, with the certificate of [`host::tls_files`] (brokers
+    /// started by the bench only).
+    pub tls: Option<std::net::SocketAddr>,
 }
 
 /// Runs every scenario `opts` asks for against one broker.
@@ -222,6 +226,18 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             )
             .goal(Goal::RatioAtLeast(1.5)),
         );
+    }
+    if let (true, Some(tls)) = (opts.wants("tls"), target.tls) {
+        rows.push(Row::new(
+            "TLS connection rate (handshake + CONNECT→CONNACK/s, 4 at once)",
+            Higher,
+            broker::tls_connection_rate(tls, opts).await,
+        ));
+        rows.push(Row::new(
+            "TLS connect latency, one at a time (handshake + CONNACK)",
+            Lower,
+            broker::tls_connect_latency(tls, opts).await,
+        ));
     }
     if opts.wants("saga") {
         match runtime::saga_figures(addr, 300).await {

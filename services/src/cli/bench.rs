@@ -56,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Only these scenario groups (comma-separated): rtt, runtime, fan, slow, churn, connect,
-    /// memory, detect, saga, persist.
+    /// tls, memory, detect, saga, persist.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
     only: Vec<String>,
 }
@@ -69,10 +69,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let most = args.idle_connections * 10;
     host::raise_fd_limit(most + 1024);
     if args.embedded {
-        let (child, addr) = host::spawn_embedded(most + 64, 1)?;
+        let (child, addr, tls) = host::spawn_embedded(most + 64, 1)?;
         targets.push(Target {
             name: "edgebus".into(),
             addr,
+            tls: Some(tls),
             pid: Some(child.0.id()),
         });
         children.push(child);
@@ -80,19 +81,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Measured after mosquitto, so that ratios stay edgebus (one thread) ÷ mosquitto.
     let mut threaded = Vec::new();
     for &threads in &args.embedded_threads {
-        let (child, addr) = host::spawn_embedded(most + 64, threads)?;
+        let (child, addr, tls) = host::spawn_embedded(most + 64, threads)?;
         threaded.push(Target {
             name: format!("edgebus, {threads} threads"),
             addr,
+            tls: Some(tls),
             pid: Some(child.0.id()),
         });
         children.push(child);
     }
     if args.mosquitto {
-        let (child, addr) = host::spawn_mosquitto()?;
+        let (child, addr, tls) = host::spawn_mosquitto()?;
         targets.push(Target {
             name: "mosquitto".into(),
             addr,
+            tls: Some(tls),
             pid: Some(child.0.id()),
         });
         children.push(child);
@@ -102,6 +105,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         targets.push(Target {
             name: addr.to_string(),
             addr: *addr,
+            tls: None,
             pid: args.pids.get(i).copied(),
         });
     }
