@@ -147,7 +147,7 @@ fn an_unreadable_bus_password_is_a_config_error_naming_its_key() {
 }
 
 /// Runs openssl with `args` in `dir`; panics with its output if it fails.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
         .args(args)
@@ -581,12 +581,9 @@ fn the_runtime_speaks_mqtts() {
         out.stderr
     );
 
-    // Trusting another CA: the broker's certificate is refused, and the reason said.
-    let mut call = edgebus();
-    with_tls(&mut call, "other-ca.pem");
-    let out = run_command(
-        call,
-        &[
+    // `edgebus call echo/echo` over TLS, as `cmd` is set up.
+    let call_echo = |cmd: std::process::Command| {
+        let args = [
             "call",
             "echo/echo",
             "{}",
@@ -594,10 +591,13 @@ fn the_runtime_speaks_mqtts() {
             &url,
             "--timeout",
             "3s",
-        ],
-        None,
-        T,
-    );
+        ];
+        run_command(cmd, &args, None, T)
+    };
+    // Trusting another CA: the broker's certificate is refused, and the reason said.
+    let mut call = edgebus();
+    with_tls(&mut call, "other-ca.pem");
+    let out = call_echo(call);
     assert!(!out.ok, "a broker certificate from another CA was trusted");
     assert!(
         out.stderr.to_lowercase().contains("certificate"),
@@ -607,21 +607,7 @@ fn the_runtime_speaks_mqtts() {
     // No client certificate for a broker that asks for one.
     let mut call = edgebus();
     call.env("EDGEBUS_CA_FILE", file("one-ca.pem"));
-    let out = run_command(
-        call,
-        &[
-            "call",
-            "echo/echo",
-            "{}",
-            "--broker",
-            &url,
-            "--timeout",
-            "3s",
-        ],
-        None,
-        T,
-    );
-    assert!(!out.ok, "no client certificate, yet served");
+    assert!(!call_echo(call).ok, "no client certificate, yet served");
     // A CA file that is not there is a config error naming the key.
     let cfg = dir.file(
         "mqtts.toml",

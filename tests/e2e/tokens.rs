@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::security::openssl;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -175,20 +176,6 @@ fn a_connection_ends_when_its_token_expires() {
     let mut rest = Vec::new();
     let _ = v5.read_to_end(&mut rest);
     b.proc.expect_line("token expired; closing", T);
-}
-
-/// Runs openssl in `dir`.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
