@@ -466,14 +466,14 @@ fn authenticate(
     certified: Option<String>,
 ) -> Result<Identity, (Refusal, String)> {
     use crate::config::Anonymous;
-    let known = |user: String| Identity {
-        user: Some(user),
+    let login_of = |user: Option<String>| Identity {
+        user,
         grants: Arc::from([]),
         expires: None,
     };
     // A client certificate the TLS handshake verified is the login.
     if let Some(user) = certified {
-        return Ok(known(user));
+        return Ok(login_of(Some(user)));
     }
     match (login, &shared.tokens, &shared.passwords) {
         (Some(l), Some(tokens), _) if crate::token::looks_like_jwt(l.password.as_bytes()) => {
@@ -497,7 +497,7 @@ fn authenticate(
         }
         (Some(l), _, Some(file)) => {
             if file.verify(&l.username, l.password.as_bytes()) {
-                Ok(known(l.username.clone()))
+                Ok(login_of(Some(l.username.clone())))
             } else {
                 Err((Refusal::BadCredentials, "wrong username or password".into()))
             }
@@ -510,14 +510,8 @@ fn authenticate(
         _ => {
             let loopback = peer.ip().to_canonical().is_loopback();
             match shared.config.auth.anonymous {
-                Anonymous::Allow => Ok(Identity {
-                    user: None,
-                    ..known(String::new())
-                }),
-                Anonymous::Loopback if loopback => Ok(Identity {
-                    user: None,
-                    ..known(String::new())
-                }),
+                Anonymous::Allow => Ok(login_of(None)),
+                Anonymous::Loopback if loopback => Ok(login_of(None)),
                 _ => Err((
                     Refusal::NotAuthorized,
                     "anonymous clients are not allowed (auth.anonymous)".into(),

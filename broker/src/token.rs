@@ -124,7 +124,7 @@ pub struct Verified {
     pub subject: String,
     /// The permissions' rules.
     pub grants: Vec<AclRule>,
-    /// When it expires.
+    /// When it expires, with the configured leeway.
     pub expires: SystemTime,
 }
 
@@ -133,6 +133,7 @@ pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
     prefix: String,
+    leeway: Duration,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -214,6 +215,7 @@ impl Verifier {
             key,
             validation,
             prefix: prefix.to_owned(),
+            leeway: config.leeway,
         })
     }
 
@@ -232,7 +234,12 @@ impl Verifier {
         Ok(Verified {
             subject: claims.sub,
             grants,
-            expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            // Accepted until `exp` + leeway, so closed then, not at once.
+            expires: UNIX_EPOCH
+                .checked_add(Duration::from_secs(
+                    claims.exp.saturating_add(self.leeway.as_secs()),
+                ))
+                .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX))),
         })
     }
 }
