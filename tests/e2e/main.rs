@@ -2,6 +2,7 @@
 //! rumqttc and hand-made packets. One test binary keeps link time down.
 
 mod broker;
+mod cluster;
 mod conformance;
 mod durable_sessions;
 mod faults;

@@ -62,12 +62,19 @@ async fn main() -> rmqtt::Result<()> {
         .allow_anonymous(true)
         .max_inflight(NonZeroU16::new(1024).expect("non-zero"))
         .max_mqueue_len(100_000)
-        .mqueue_rate_limit(NonZeroU32::new(u32::MAX).expect("non-zero"), Duration::from_secs(1))
+        .mqueue_rate_limit(
+            NonZeroU32::new(u32::MAX).expect("non-zero"),
+            Duration::from_secs(1),
+        )
         .max_handshaking_limit(10_000)
         .nodelay(true)
         .bind()?
         .tcp()?;
     println!("cluster node {node_id} listening on {mqtt}");
-    MqttServer::new(scx).listener(listener).build().run().await?;
+    MqttServer::new(scx)
+        .listener(listener)
+        .build()
+        .run()
+        .await?;
     Ok(())
 }
