@@ -262,44 +262,56 @@ pub fn expand(permission: &str, prefix: &str) -> Result<Vec<AclRule>, String> {
             ]
         }
         "discovery" | "health" | "orchestrator" | "watch" if what == "edgebus" => {
-            // A part is an instance of a service of its own name (registration, heartbeat).
-            let mut rules = match verb {
-                "discovery" => expand("discovery:serve", prefix)?,
-                "health" => expand("health-monitor:serve", prefix)?,
-                "orchestrator" => expand("orchestrator:serve", prefix)?,
-                _ => vec![own_reply(), lag()],
+            use Access::{Read, Readwrite, Write};
+            // The service each part is an instance of (its registration and heartbeat),
+            // and the topics of its work.
+            let (serves, topics): (Option<&str>, &[(&str, Access)]) = match verb {
+                "discovery" => (
+                    Some("discovery"),
+                    &[
+                        ("system/discovery/#", Readwrite),
+                        ("+/+/request", Read),
+                        ("+/+/error", Write),
+                        ("system/reply/+", Write),
+                    ],
+                ),
+                "health" => (
+                    Some("health-monitor"),
+                    &[
+                        ("health/heartbeat/+/+", Read),
+                        ("system/discovery/+/+", Read),
+                        ("health/status/+", Readwrite),
+                        ("health/summary", Write),
+                        ("health/alert", Write),
+                    ],
+                ),
+                "orchestrator" => (
+                    Some("orchestrator"),
+                    &[
+                        ("saga/+/request", Read),
+                        ("saga/+/runs/+", Readwrite),
+                        ("saga/+/result", Write),
+                        ("saga/+/error", Write),
+                        ("+/+/request", Write),
+                        ("system/reply/+", Write),
+                    ],
+                ),
+                _ => (
+                    None,
+                    &[
+                        ("system/discovery/#", Read),
+                        ("system/discovery/list/request", Write),
+                        ("health/#", Read),
+                        ("saga/+/runs/+", Read),
+                        ("system/broker/stats", Read),
+                    ],
+                ),
             };
-            let mut add = |topic: &str, access| rules.push(rule(format!("{p}/{topic}"), access));
-            match verb {
-                "discovery" => {
-                    add("system/discovery/#", Access::Readwrite);
-                    add("+/+/request", Access::Read);
-                    add("+/+/error", Access::Write);
-                    add("system/reply/+", Access::Write);
-                }
-                "health" => {
-                    add("health/heartbeat/+/+", Access::Read);
-                    add("system/discovery/+/+", Access::Read);
-                    add("health/status/+", Access::Readwrite);
-                    add("health/summary", Access::Write);
-                    add("health/alert", Access::Write);
-                }
-                "orchestrator" => {
-                    add("saga/+/request", Access::Read);
-                    add("saga/+/runs/+", Access::Readwrite);
-                    add("saga/+/result", Access::Write);
-                    add("saga/+/error", Access::Write);
-                    add("+/+/request", Access::Write);
-                    add("system/reply/+", Access::Write);
-                }
-                _ => {
-                    add("system/discovery/#", Access::Read);
-                    add("system/discovery/list/request", Access::Write);
-                    add("health/#", Access::Read);
-                    add("saga/+/runs/+", Access::Read);
-                    add("system/broker/stats", Access::Read);
-                }
-            }
+            let mut rules = match serves {
+                Some(service) => expand(&format!("{service}:serve"), prefix)?,
+                None => vec![own_reply(), lag()],
+            };
+            rules.extend(topics.iter().map(|&(t, a)| rule(format!("{p}/{t}"), a)));
             rules
         }
         _ => {

@@ -194,13 +194,7 @@ impl Broker {
         let proc = Proc::spawn(cmd);
         let addr = broker_addr(&proc);
         // Printed right after the MQTT line, only when configured: no waiting otherwise.
-        let ws = websocket.then(|| {
-            let l = proc.expect_line("edgebus websocket listening on", Duration::from_secs(5));
-            l.rsplit(' ')
-                .next()
-                .and_then(|a| a.parse().ok())
-                .expect("websocket address")
-        });
+        let ws = websocket.then(|| listening(&proc, "edgebus websocket listening on "));
         Broker {
             proc,
             addr,
@@ -384,7 +378,13 @@ pub fn free_port() -> u16 {
 
 /// The address in the `edgebus broker listening on ADDR` line `proc` prints (`broker`, `up`).
 pub fn broker_addr(proc: &Proc) -> SocketAddr {
-    let line = proc.expect_line("edgebus broker listening on", Duration::from_secs(10));
+    listening(proc, "edgebus broker listening on ")
+}
+
+/// The address of a `{what} ADDR` line the broker prints at start (`edgebus TLS listening
+/// on `, `edgebus websocket listening on `), within 10 s.
+pub fn listening(proc: &Proc, what: &str) -> SocketAddr {
+    let line = proc.expect_line(what, Duration::from_secs(10));
     line.rsplit(' ')
         .next()
         .and_then(|a| a.parse().ok())

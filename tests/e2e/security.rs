@@ -271,10 +271,10 @@ fn tls_broker(dir: &TempDir, name: &str, client_ca: Option<&str>) -> (Proc, Stri
     let mut cmd = edgebus();
     cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
     let p = Proc::spawn(cmd);
-    let plain = p.expect_line("edgebus broker listening on ", T);
-    let tls = p.expect_line("edgebus TLS listening on ", T);
-    let port = |l: &str| l.rsplit(':').next().expect("port").trim().to_owned();
-    let (plain, tls) = (port(&plain), port(&tls));
+    let plain = broker_addr(&p).port().to_string();
+    let tls = listening(&p, "edgebus TLS listening on ")
+        .port()
+        .to_string();
     (p, plain, tls)
 }
 
@@ -653,7 +653,8 @@ fn secure_template(dir: &TempDir) -> std::path::PathBuf {
 /// and the deny-by-default ACL. Every part, a service on its own login over TLS, and a
 /// caller do their work and are refused nothing; what each of them may not do is refused
 /// and logged: a forged registration, heartbeat, reply, health status, a request without
-/// permission, another caller's replies, and anonymous clients.
+/// permission, another caller's replies, and anonymous clients. The `order` saga runs
+/// through the orchestrator's permission; SIGHUP reloads the certificate.
 #[test]
 fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     let dir = TempDir::new("secure");
@@ -669,6 +670,19 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     );
     dir.file("bus.password", "bus-secret\n");
     let cfg = secure_template(&dir);
+    // The shipped `order` saga too, so that the orchestrator works under its permission.
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.toml"),
+    )
+    .expect("topics.toml");
+    let sagas = &shipped[shipped.find("[[saga]]").expect("the order saga")..];
+    let journal = dir.0.join("sagas.journal");
+    let mut text = std::fs::read_to_string(&cfg).expect("template");
+    text.push_str(&format!(
+        "\n[orchestrator]\njournal = \"{}\"\n\n{sagas}",
+        journal.display()
+    ));
+    std::fs::write(&cfg, text).expect("write");
     let c = cfg.to_str().expect("utf-8");
     let check = run_edgebus(&["check-config", "-c", c], None, T);
     assert!(check.ok, "{}{}", check.stdout, check.stderr);
@@ -677,8 +691,7 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     cmd.args(["up", "-c", c]);
     let up = Proc::spawn(cmd);
     let plain = broker_addr(&up);
-    let tls = up.expect_line("edgebus TLS listening on ", T);
-    let tls = tls.rsplit(':').next().expect("port").trim().to_owned();
+    let tls = listening(&up, "edgebus TLS listening on ").port();
     up.expect_line("all parts ready", Duration::from_secs(15));
     let url = format!("mqtts://localhost:{tls}");
     let ca = dir.0.join("one-ca.pem").display().to_string();
@@ -715,6 +728,15 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     let out = call("alice", "alice-pw", "kv/get", r#"{"key":"k"}"#);
     assert!(
         out.stdout.contains(r#""service":"kv""#),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    // The saga: the orchestrator calls kv (on its own login) and answers alice.
+    let order = r#"{"order":"o1","qty":2,"amount":10,"address":"x"}"#;
+    let out = call("alice", "alice-pw", "saga/order", order);
+    assert!(
+        out.ok && out.stdout.contains(r#""status":"completed""#),
         "{}{}",
         out.stdout,
         out.stderr
@@ -825,6 +847,9 @@ fn the_secure_template_runs_the_bus_and_refuses_forgeries() {
     assert!(!ok, "a wrong password accepted");
     up.expect_line("wrong username or password", T);
 
+    // `systemctl reload edgebus-up`: the certificate read again, nothing dropped.
+    up.signal("HUP");
+    up.expect_line("TLS certificate and key read again", T);
     // Still serving, the registry unharmed.
     let out = call("alice", "alice-pw", "echo/echo", r#"{"n":2}"#);
     assert!(
@@ -858,9 +883,10 @@ fn a_client_certificate_is_the_login() {
         let mut cmd = edgebus();
         cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
         let p = Proc::spawn(cmd);
-        p.expect_line("edgebus broker listening on ", T);
-        let tls = p.expect_line("edgebus TLS listening on ", T);
-        let port = tls.rsplit(':').next().expect("port").trim().to_owned();
+        broker_addr(&p);
+        let port = listening(&p, "edgebus TLS listening on ")
+            .port()
+            .to_string();
         (p, port)
     };
     let cert = |n: &str| dir.0.join(n).display().to_string();
@@ -929,8 +955,7 @@ fn websocket_over_tls() {
     cmd.args(["broker", "-c", cfg.to_str().expect("utf-8")]);
     let b = Proc::spawn(cmd);
     let plain = broker_addr(&b);
-    let wss = b.expect_line("edgebus TLS websocket listening on ", T);
-    let wss: std::net::SocketAddr = wss.rsplit(' ').next().expect("addr").parse().expect("addr");
+    let wss = listening(&b, "edgebus TLS websocket listening on ");
     let sub = Sub::start(&plain.port().to_string(), &["-t", "wss/#"]);
     let file = |n: &str| Some(dir.0.join(n));
     let config = edgebus_runtime::bus::client_config(&edgebus_runtime::bus::TlsOptions {

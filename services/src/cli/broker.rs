@@ -27,6 +27,7 @@ where
     let rt = current_thread()?;
     let result = rt.block_on(async {
         let (metrics, _server) = serve_metrics(metrics).await?;
+        let mut hup = sighup()?;
         if let Some(m) = &metrics {
             m.add(BrokerCollector(handle.counters()));
         }
@@ -38,7 +39,7 @@ where
             .ready();
         let stop = stop();
         tokio::pin!(stop);
-        reload_on_sighup(&handle, &mut stop).await?;
+        reload_on_sighup(&handle, &mut hup, &mut stop).await;
         tracing::info!("signal received; shutting down");
         supervisor.stopping("stopping: closing client connections");
         Ok::<_, anyhow::Error>(())
@@ -48,19 +49,24 @@ where
     result
 }
 
+/// SIGHUP, caught from now on: installed before the process says it is ready, so that a
+/// `systemctl reload` right after the start reloads rather than kills it.
+pub fn sighup() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
 /// Waits for `stop`, reading the TLS certificate and key again at each SIGHUP meanwhile
 /// (`systemctl reload`).
 pub async fn reload_on_sighup<S>(
     handle: &edgebus_broker::BrokerHandle,
+    hup: &mut tokio::signal::unix::Signal,
     stop: &mut std::pin::Pin<&mut S>,
-) -> std::io::Result<()>
-where
+) where
     S: std::future::Future<Output = ()>,
 {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = stop.as_mut() => return Ok(()),
+            _ = stop.as_mut() => return,
             _ = hup.recv() => {
                 if let Err(e) = handle.reload_tls() {
                     tracing::warn!(error = %e, "SIGHUP: the TLS files cannot be used; keeping the ones before");

@@ -135,6 +135,7 @@ where
     let rt = services_runtime()?;
     let result = rt.block_on(async {
         let (metrics, _server) = serve_metrics(metrics).await?;
+        let mut hup = super::broker::sighup()?;
         if let Some(m) = &metrics {
             m.add(BrokerCollector(handle.counters()));
         }
@@ -166,7 +167,7 @@ where
                     });
                     tracing::info!(parts = parts.count, "all parts ready");
                     supervisor = Some(sup.ready());
-                    super::broker::reload_on_sighup(&handle, &mut stop).await?;
+                    super::broker::reload_on_sighup(&handle, &mut hup, &mut stop).await;
                 }
             },
             _ = &mut stop => {}
