@@ -337,7 +337,7 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
 pub struct Mosquitto {
     pub _proc: Proc,
     pub addr: SocketAddr,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Mosquitto {
@@ -352,15 +352,26 @@ impl Mosquitto {
                  log_type notice\nlog_type information\n"
             ),
         );
+        Mosquitto {
+            _proc: Mosquitto::run(&conf),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        }
+    }
+
+    fn run(conf: &Path) -> Proc {
         let mut cmd = Command::new("mosquitto");
-        cmd.arg("-c").arg(&conf);
+        cmd.arg("-c").arg(conf);
         let proc = Proc::spawn(cmd);
         proc.expect_line(" running", Duration::from_secs(10));
-        Mosquitto {
-            _proc: proc,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            _dir: dir,
-        }
+        proc
+    }
+
+    /// SIGKILLs it, then starts it again on the same port.
+    pub fn kill_and_restart(&mut self) {
+        self._proc.signal("KILL");
+        self._proc.wait_exit(Duration::from_secs(5));
+        self._proc = Mosquitto::run(&self.dir.0.join("mosquitto.conf"));
     }
 
     pub fn port(&self) -> String {

@@ -94,7 +94,7 @@ compensate = "kv/delete"
     )
 }
 
-fn start_saga(port: &str, saga: &str, body: &str) -> Value {
+pub(crate) fn start_saga(port: &str, saga: &str, body: &str) -> Value {
     let topic = format!("edge/saga/{saga}/request");
     let (ok, out) = rr(
         port,
@@ -131,7 +131,7 @@ fn kv_stats(port: &str) -> Value {
     serde_json::from_str::<Value>(line).expect("JSON")["data"].clone()
 }
 
-fn kv_put(port: &str, key: &str) {
+pub(crate) fn kv_put(port: &str, key: &str) {
     let body = format!(r#"{{"key":"{key}","value":"taken"}}"#);
     let (ok, out) = rr(
         port,
@@ -147,7 +147,7 @@ fn kv_put(port: &str, key: &str) {
     assert!(ok && out.contains("\"success\":true"), "{out}");
 }
 
-fn states(run: &Value) -> Vec<String> {
+pub(crate) fn states(run: &Value) -> Vec<String> {
     run["steps"]
         .as_array()
         .expect("steps")

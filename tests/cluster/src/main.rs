@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use rmqtt::context::ServerContext;
+use rmqtt::context::{CircuitBreakerConfig, ServerContext};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 
@@ -46,6 +46,12 @@ async fn main() -> rmqtt::Result<()> {
         .node_id(node_id)
         // On a 2-core CI host under load rmqtt would refuse CONNECTs as "overloaded".
         .busy_check_enable(false)
+        // After a peer's failures its calls are skipped for this long, so a restarted peer
+        // is reached again only then (the default is 30 s).
+        .circuit_breaker_config(CircuitBreakerConfig {
+            wait_duration_in_open: Duration::from_secs(3),
+            ..CircuitBreakerConfig::default()
+        })
         .plugins_config_map_add("rmqtt-cluster-broadcast", &cluster)
         .plugins_config_map_add("rmqtt-retainer", "storage.type = \"ram\"\n")
         // `round_robin` gave one member of a two-member group every message in a trial.
@@ -68,6 +74,8 @@ async fn main() -> rmqtt::Result<()> {
         )
         .max_handshaking_limit(10_000)
         .nodelay(true)
+        // Restarted on the same port at once, past the last run's TIME_WAIT connections.
+        .reuseaddr(Some(true))
         .bind()?
         .tcp()?;
     println!("cluster node {node_id} listening on {mqtt}");
