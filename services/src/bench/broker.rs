@@ -16,12 +16,17 @@ use super::mqtt::{client, count_until, drive, open_connected, run_id, subscriber
 use super::BenchOptions;
 
 /// One requester and one responder, bare MQTT: the time from a publish to its echo.
-pub async fn round_trip(addr: SocketAddr, qos: QoS, opts: &BenchOptions) -> anyhow::Result<Figure> {
+pub async fn round_trip(
+    addr: SocketAddr,
+    far: SocketAddr,
+    qos: QoS,
+    opts: &BenchOptions,
+) -> anyhow::Result<Figure> {
     let run = run_id();
     let ping = format!("bench/{run}/ping");
     let pong = format!("bench/{run}/pong");
     let (responder, mut rx_r, h_r) =
-        subscriber(addr, format!("bench-{run}-resp"), &ping, qos).await?;
+        subscriber(far, format!("bench-{run}-resp"), &ping, qos).await?;
     let (requester, mut rx_q, h_q) =
         subscriber(addr, format!("bench-{run}-req"), &pong, qos).await?;
     let pong2 = pong.clone();

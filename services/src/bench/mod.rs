@@ -108,8 +108,11 @@ impl Default for BenchOptions {
 pub struct Target {
     /// Column name.
     pub name: String,
-    /// Where it listens.
+    /// Where it listens: the clients that send (requests, pings) connect here.
     pub addr: std::net::SocketAddr,
+    /// Where the clients that answer connect: the round trip's responder and the runtime
+    /// scenarios' `echo` instances. `addr`, except across the nodes of a cluster.
+    pub far: std::net::SocketAddr,
     /// Its process id, to read RSS from /proc.
     pub pid: Option<u32>,
     /// Its MQTT-over-TLS listener, with the certificate of [`host::tls_files`] (brokers
@@ -129,7 +132,7 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             let row = Row::new(
                 format!("round trip QoS {q} p50 / p99 / p999"),
                 Lower,
-                broker::round_trip(addr, qos, opts).await,
+                broker::round_trip(addr, target.far, qos, opts).await,
             )
             .goal(Goal::RatioAtMost(1.0));
             rows.push(if q == 1 {
@@ -144,7 +147,7 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
             Row::new(
                 "runtime request/response QoS 1 p50 / p99 / p999",
                 Lower,
-                runtime::runtime_round_trip(addr, opts).await,
+                runtime::runtime_round_trip(addr, target.far, opts).await,
             )
             .goal(Goal::TimesRow(1.3, Key::RoundTripQos1)),
         );
@@ -156,7 +159,7 @@ pub async fn run_all(target: &Target, opts: &BenchOptions) -> Vec<Row> {
                     runtime::RUNTIME_CONCURRENCY
                 ),
                 Higher,
-                runtime::runtime_throughput(addr, opts, instances).await,
+                runtime::runtime_throughput(addr, target.far, opts, instances).await,
             ));
         }
     }

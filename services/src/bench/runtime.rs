@@ -20,20 +20,25 @@ use crate::examples::echo;
 /// Requests in flight in the runtime throughput scenario.
 pub const RUNTIME_CONCURRENCY: usize = 32;
 
-/// An in-process `echo` service and a runtime client on `addr`, both synced.
-async fn runtime_pair(addr: SocketAddr) -> anyhow::Result<(Bus, Bus, Service)> {
-    let (mut servers, client) = runtime_set(addr, 1).await?;
+/// An in-process `echo` service on `far` and a runtime client on `addr`, both synced.
+async fn runtime_pair(addr: SocketAddr, far: SocketAddr) -> anyhow::Result<(Bus, Bus, Service)> {
+    let (mut servers, client) = runtime_set(addr, far, 1).await?;
     let (server, service) = servers.remove(0);
     Ok((server, client, service))
 }
 
-/// `n` in-process `echo` instances (each on its own connection) and a runtime client, synced.
-async fn runtime_set(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<(Bus, Service)>, Bus)> {
+/// `n` in-process `echo` instances on `far` (each on its own connection) and a runtime
+/// client on `addr`, synced.
+async fn runtime_set(
+    addr: SocketAddr,
+    far: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(Vec<(Bus, Service)>, Bus)> {
     let run = run_id();
     let mut servers = Vec::new();
     for i in 0..n {
         let server = Bus::connect(BusOptions::for_service(
-            addr.to_string(),
+            far.to_string(),
             "edge",
             "echo",
             Some(format!("bench-echo-{run}-{i}")),
@@ -54,9 +59,14 @@ async fn runtime_set(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<(Bus, Se
     Ok((servers, client))
 }
 
-/// One request at a time through the runtime to an in-process `echo`.
-pub async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow::Result<Figure> {
-    let (server, client, service) = runtime_pair(addr).await?;
+/// One request at a time through the runtime, from a client on `addr` to an in-process
+/// `echo` on `far`.
+pub async fn runtime_round_trip(
+    addr: SocketAddr,
+    far: SocketAddr,
+    opts: &BenchOptions,
+) -> anyhow::Result<Figure> {
+    let (server, client, service) = runtime_pair(addr, far).await?;
     let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
         "p": "x".repeat(opts.payload.saturating_sub(8))
     }))?);
@@ -81,14 +91,15 @@ pub async fn runtime_round_trip(addr: SocketAddr, opts: &BenchOptions) -> anyhow
     percentiles(&hist, failed, "failed")
 }
 
-/// Requests per second through the runtime, [`RUNTIME_CONCURRENCY`] in flight, to
-/// `instances` in-process `echo` instances sharing the endpoint.
+/// Requests per second through the runtime from a client on `addr`, [`RUNTIME_CONCURRENCY`]
+/// in flight, to `instances` in-process `echo` instances on `far` sharing the endpoint.
 pub async fn runtime_throughput(
     addr: SocketAddr,
+    far: SocketAddr,
     opts: &BenchOptions,
     instances: usize,
 ) -> anyhow::Result<Figure> {
-    let (servers, client) = runtime_set(addr, instances).await?;
+    let (servers, client) = runtime_set(addr, far, instances).await?;
     let total = (opts.messages / 2).max(RUNTIME_CONCURRENCY);
     let topic = client.request_topic("echo/echo");
     let payload = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({

@@ -13,6 +13,11 @@ pub struct BenchArgs {
     /// A broker to measure, as host:port (repeatable).
     #[arg(long = "broker")]
     brokers: Vec<SocketAddr>,
+    /// Two nodes of one cluster, as A,B: measures the round trip and the runtime scenarios
+    /// with everything on A ("one node"), then with the senders on A and the responders and
+    /// `echo` instances on B ("across nodes").
+    #[arg(long, value_delimiter = ',', num_args = 1, value_name = "A,B")]
+    cluster: Vec<SocketAddr>,
     /// The pid of each --broker, in order, to read its memory from /proc.
     #[arg(long = "pid")]
     pids: Vec<u32>,
@@ -73,6 +78,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         targets.push(Target {
             name: "edgebus".into(),
             addr,
+            far: addr,
             tls: Some(tls),
             pid: Some(child.0.id()),
         });
@@ -85,6 +91,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         threaded.push(Target {
             name: format!("edgebus, {threads} threads"),
             addr,
+            far: addr,
             tls: Some(tls),
             pid: Some(child.0.id()),
         });
@@ -95,6 +102,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         targets.push(Target {
             name: "mosquitto".into(),
             addr,
+            far: addr,
             tls: Some(tls),
             pid: Some(child.0.id()),
         });
@@ -105,9 +113,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         targets.push(Target {
             name: addr.to_string(),
             addr: *addr,
+            far: *addr,
             tls: None,
             pid: args.pids.get(i).copied(),
         });
+    }
+    match args.cluster[..] {
+        [] => {}
+        [a, b] => {
+            for (name, far) in [("cluster, one node", a), ("cluster, across nodes", b)] {
+                targets.push(Target {
+                    name: name.into(),
+                    addr: a,
+                    far,
+                    tls: None,
+                    pid: None,
+                });
+            }
+        }
+        _ => bail!("--cluster takes two nodes' addresses, A,B"),
     }
     if targets.is_empty() {
         bail!("nothing to measure: give --embedded, --mosquitto or --broker HOST:PORT");
