@@ -139,7 +139,7 @@ fn requests(broker: SocketAddr, n: usize, tag: &str) -> (HashMap<String, usize>,
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let bus = caller(broker, tag).await;
-        let counts = send(&bus, n, tag).await;
+        let counts = send(&bus, n, tag, T).await;
         bus.close(Duration::from_millis(500)).await;
         counts
     })
@@ -153,11 +153,16 @@ async fn caller(broker: SocketAddr, tag: &str) -> Bus {
     bus
 }
 
-/// `n` requests to `edge/echo/echo/request` through `bus`, 32 in flight: how many each
-/// instance answered, and how many failed.
-async fn send(bus: &Bus, n: usize, tag: &str) -> (HashMap<String, usize>, usize) {
+/// `n` requests to `edge/echo/echo/request` through `bus`, 32 in flight, each given
+/// `timeout`: how many each instance answered, and how many failed.
+async fn send(
+    bus: &Bus,
+    n: usize,
+    tag: &str,
+    timeout: Duration,
+) -> (HashMap<String, usize>, usize) {
     let opts = RequestOptions {
-        timeout: Duration::from_secs(10),
+        timeout,
         qos: 1,
         ..RequestOptions::default()
     };
@@ -583,11 +588,13 @@ fn node_b_lost_and_back() {
                 Duration::from_secs(30),
             )
         });
-        // The caller connected before: the first requests wait while node A finds node B
-        // gone, then every one is answered by the instance on A, none lost.
+        // The caller connected before: the first requests wait (about 7 s here) until node
+        // A stops calling node B (its circuit breaker for B opens); every one is answered by
+        // the instance on A, none lost.
         for round in 0..5 {
             let t0 = Instant::now();
-            let (by, failed) = rt.block_on(send(&on_a_caller, 100, "alone"));
+            let (by, failed) =
+                rt.block_on(send(&on_a_caller, 100, "alone", Duration::from_secs(30)));
             eprintln!(
                 "node B down: 100 requests from A, round {round}, in {:?}: {by:?}",
                 t0.elapsed()
