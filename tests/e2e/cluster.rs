@@ -546,9 +546,10 @@ fn both_serve_kv(from: SocketAddr, instance: &str) {
     }
 }
 
-/// Discovery on A, an instance of echo on each node. Node B SIGKILLed: callers on A keep
-/// being served, by the instance on A. Node B started again: the instance on B reconnects,
-/// re-registers with discovery on A and serves again. On one broker there is no node to
+/// Discovery and the monitor on A, an instance of echo on each node. Node B SIGKILLed:
+/// callers on A keep being served, by the instance on A, and the instance on B is judged
+/// unhealthy (no Last Will: its node is gone). Node B started again: the instance on B
+/// reconnects, is online and healthy on A again, and serves again. On one broker there is no node to
 /// lose: the broker itself is SIGKILLed and restarted, and both instances come back.
 #[test]
 fn node_b_lost_and_back() {
@@ -556,14 +557,18 @@ fn node_b_lost_and_back() {
     let dir = TempDir::new("cluster-loss");
     let cfg = shipped(&dir);
     let _discovery = part(&["discovery"], &cfg, nodes.a);
+    let _monitor = part(&["health", "monitor"], &cfg, nodes.a);
+    let watch = Watch::start(&nodes.a.port().to_string(), "echo-b");
     let on_a = Service::start("echo", nodes.a, &["--instance", "echo-a"]);
     let on_b = Service::start("echo", nodes.b, &["--instance", "echo-b"]);
     let both = [on_a.instance.as_str(), on_b.instance.as_str()];
     both_serve(nodes.a, &both);
+    watch.expect(&["update registered", "alert offline→healthy"]);
 
     // A caller connected on A before node B goes.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let on_a_caller = rt.block_on(caller(nodes.a, "before"));
+    let killed = Instant::now();
     nodes.kill_b();
     if nodes.is_cluster() {
         // A new caller on A, connecting as node B dies: its CONNECT waits for the nodes'
@@ -602,6 +607,11 @@ fn node_b_lost_and_back() {
             assert_eq!(failed, 0, "answered {by:?}");
             assert_eq!(by.get("echo-a"), Some(&100), "{by:?}");
         }
+        // No Last Will: the node that held it is gone. The monitor on A judges the instance
+        // on B by its heartbeats, once node A is past its wait.
+        let (seen, at) = watch.next(Duration::from_secs(15)).expect("an alert");
+        eprintln!("node B down: {seen} on A after {:?}", at - killed);
+        assert_eq!(seen, "alert healthy→unhealthy");
         let out = newcomer.join().expect("mosquitto_rr");
         eprintln!(
             "node B down: a new mosquitto_rr on A answered after {:?}",
@@ -621,6 +631,9 @@ fn node_b_lost_and_back() {
     eprintln!("node B restarted and joined after {:?}", t0.elapsed());
     online(nodes.a, &both);
     both_serve(nodes.a, &both);
+    if nodes.is_cluster() {
+        watch.expect(&["alert unhealthy→healthy"]);
+    }
     eprintln!(
         "node B back: both instances online and serving after {:?}",
         t0.elapsed()
@@ -654,4 +667,99 @@ fn online(broker: SocketAddr, instances: &[&str]) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What each command of the README's `sh cluster` recipe must print (background commands,
+/// ending in `&`, must say they are ready). Every command of the recipe must be here, and
+/// everything here in the recipe.
+const RECIPE: &[(&str, &[&str])] = &[
+    ("edgebus discovery --broker \"$NODE_A\" &", &["ready as"]),
+    ("edgebus health monitor --broker \"$NODE_A\" &", &["ready as"]),
+    ("edgebus orchestrator --broker \"$NODE_A\" &", &["ready as"]),
+    ("edgebus service echo --broker \"$NODE_A\" &", &["ready as"]),
+    ("edgebus service echo --broker \"$NODE_B\" &", &["ready as"]),
+    ("edgebus service kv --broker \"$NODE_B\" &", &["ready as"]),
+    (
+        "mosquitto_rr -h \"${NODE_A%:*}\" -p \"${NODE_A##*:}\" -t edge/echo/echo/request -e my/replies -m '{\"hello\":\"cluster\"}'",
+        &[r#""success":true"#, r#""hello":"cluster""#],
+    ),
+    (
+        "edgebus call saga/order '{\"order\":\"42\",\"qty\":1,\"amount\":10,\"address\":\"pier 4\"}' --broker \"$NODE_B\"",
+        &[r#""status":"completed""#],
+    ),
+    ("edgebus services --broker \"$NODE_B\"", &["echo", "kv", "online"]),
+];
+
+/// The README's recipe for a cluster (its `sh cluster` block), run as written with
+/// `NODE_A` and `NODE_B` set to the two nodes, from a scratch directory (the orchestrator's
+/// journal lands there).
+#[test]
+fn the_readme_cluster_recipe_runs_as_written() {
+    let nodes = Nodes::start();
+    let dir = TempDir::new("cluster-recipe");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let recipe = crate::readme::blocks(&readme, "sh cluster");
+    assert_eq!(recipe.len(), 1, "one `sh cluster` block in the README");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_edgebus"))
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let shell = |line: &str| {
+        let mut c = std::process::Command::new("bash");
+        c.args(["-c", &format!("exec stdbuf -oL {line}")])
+            .current_dir(&dir.0)
+            .env_remove("EDGEBUS_CONFIG")
+            .env("PATH", &path)
+            .env("EDGEBUS_LOG", "info")
+            .env("NODE_A", nodes.a.to_string())
+            .env("NODE_B", nodes.b.to_string());
+        c
+    };
+    let mut background = Vec::new();
+    let mut used = Vec::new();
+    for line in recipe[0].lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (_, want) = RECIPE
+            .iter()
+            .find(|(l, _)| *l == line)
+            .unwrap_or_else(|| panic!("README cluster recipe without a check: `{line}`"));
+        used.push(line);
+        if let Some(cmd) = line.strip_suffix('&') {
+            let p = Proc::spawn(shell(cmd.trim()));
+            p.expect_line(want[0], T);
+            background.push(p);
+            continue;
+        }
+        let mut p = Proc::spawn(shell(line));
+        let status = p.wait_exit(Duration::from_secs(15));
+        let mut out = String::new();
+        while let Ok(l) = p.lines.recv_timeout(Duration::from_millis(100)) {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "`{line}` ({status:?}):\n{out}"
+        );
+        for w in *want {
+            assert!(out.contains(w), "`{line}`: no {w:?} in:\n{out}");
+        }
+    }
+    let unused: Vec<_> = RECIPE
+        .iter()
+        .filter(|(l, _)| !used.contains(l))
+        .map(|(l, _)| l)
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "checks for commands not in the README: {unused:?}"
+    );
 }

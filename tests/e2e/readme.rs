@@ -38,7 +38,7 @@ fn greeter() -> PathBuf {
 }
 
 /// The fenced blocks of `text` whose info string is `info`, in order.
-fn blocks(text: &str, info: &str) -> Vec<String> {
+pub(crate) fn blocks(text: &str, info: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
