@@ -328,42 +328,61 @@ fn replies_cross_nodes_to_every_kind_of_caller() {
         out.stdout
     );
 
-    let sub = Sub::start(&pa, &["-t", "test/cross/311", "-q", "1"]);
-    let (ok, out) = publish(
+    // MQTT 3.1.1 (mosquitto_pub's default), `reply_to` in the JSON; then no reply address.
+    let reply = published(
         &pa,
-        &[
-            "-t",
-            "edge/echo/echo/request",
-            "-q",
-            "1",
-            "-m",
-            r#"{"reply_to":"test/cross/311","from":"v311"}"#,
-        ],
+        "test/cross/311",
+        r#"{"reply_to":"test/cross/311","from":"v311"}"#,
     );
-    assert!(ok, "{out}");
-    let reply = json_of(&sub.next(T).expect("a 3.1.1 reply on A"));
     assert_eq!(reply["data"]["from"], "v311", "{reply}");
     assert_eq!(reply["instance"], "echo-b", "{reply}");
-
-    let sub = Sub::start(&pa, &["-t", "edge/echo/echo/result", "-q", "1"]);
-    let (ok, out) = publish(
-        &pa,
-        &[
-            "-t",
-            "edge/echo/echo/request",
-            "-q",
-            "1",
-            "-m",
-            r#"{"from":"nowhere"}"#,
-        ],
-    );
-    assert!(ok, "{out}");
-    let reply = json_of(&sub.next(T).expect("a reply on …/result, on A"));
+    let reply = published(&pa, "edge/echo/echo/result", r#"{"from":"nowhere"}"#);
     assert_eq!(reply["data"]["from"], "nowhere", "{reply}");
 
     let (by, failed) = requests(nodes.a, 500, "cross");
     assert_eq!(failed, 0, "answered {by:?}");
     assert_eq!(by.get("echo-b"), Some(&500), "{by:?}");
+}
+
+/// Publishes `body` to `edge/echo/echo/request` on `port` (QoS 1, MQTT 3.1.1) and returns the
+/// reply that arrives on `reply_topic`.
+fn published(port: &str, reply_topic: &str, body: &str) -> serde_json::Value {
+    let sub = Sub::start(port, &["-t", reply_topic, "-q", "1"]);
+    let (ok, out) = publish(
+        port,
+        &["-t", "edge/echo/echo/request", "-q", "1", "-m", body],
+    );
+    assert!(ok, "{out}");
+    json_of(
+        &sub.next(T)
+            .unwrap_or_else(|| panic!("no reply on {reply_topic}")),
+    )
+}
+
+/// With echo and hostmetrics on node B, a client on node A: a malformed request gets its
+/// `BAD_REQUEST` on `…/error` and its dead letter, a request past its deadline gets `TIMEOUT`
+/// without running, and hostmetrics' retained event stream is the same on both nodes.
+#[test]
+fn errors_dead_letters_deadlines_and_events_cross_nodes() {
+    let nodes = Nodes::start();
+    let pa = nodes.a.port().to_string();
+    let on_b = Service::start("echo", nodes.b, &["--instance", "echo-b"]);
+    let _metrics = Service::start("hostmetrics", nodes.b, &[]);
+    both_serve(nodes.a, &[&on_b.instance]);
+    let dead = Sub::start(&pa, &["-t", "edge/system/deadletter/echo", "-q", "1"]);
+
+    let reply = published(&pa, "edge/echo/echo/error", "{not json");
+    assert_eq!(reply["error"]["code"], "BAD_REQUEST", "{reply}");
+    let letter = json_of(&dead.next(T).expect("a dead letter on A"));
+    assert_eq!(letter["payload"], "{not json", "{letter}");
+
+    let reply = published(&pa, "edge/echo/echo/error", r#"{"deadline_ms":1000}"#);
+    assert_eq!(reply["error"]["code"], "TIMEOUT", "{reply}");
+
+    let reading = same_on_both(&nodes, "edge/hostmetrics/events/reading");
+    assert_eq!(reading["type"], "hostmetrics.reading", "{reading}");
+    let out = call(nodes.a, "hostmetrics/read", "{}");
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
 }
 
 /// Waits (bounded) until `topic`'s retained message is the same on both nodes, and there.
