@@ -631,6 +631,11 @@ fn node_b_lost_and_back() {
         let (seen, at) = watch.next(Duration::from_secs(15)).expect("an alert");
         eprintln!("node B down: {seen} on A after {:?}", at - killed);
         assert_eq!(seen, "alert healthy→unhealthy");
+        let rec = retained(
+            &nodes.a.port().to_string(),
+            "edge/system/discovery/echo/echo-b",
+        );
+        assert_eq!(rec.expect("echo-b's record")["state"], "online");
         let out = newcomer.join().expect("mosquitto_rr");
         eprintln!(
             "node B down: a new mosquitto_rr on A answered after {:?}",
