@@ -80,7 +80,7 @@ impl Nodes {
                     b.wait_exit(T);
                 }
             }
-            Run::One(m) => m._proc.signal("KILL"),
+            Run::One(m) => m.kill(),
         }
     }
 
@@ -94,7 +94,7 @@ impl Nodes {
                 b,
                 ..
             } => *b = Some(node(bin, 2, self.b.port(), *b_grpc, peers)),
-            Run::One(m) => m.kill_and_restart(),
+            Run::One(m) => m.start_again(),
         }
         self.wait_joined();
     }
@@ -203,7 +203,7 @@ fn requests_from_both_nodes_are_answered_once_by_instances_on_both() {
         &nodes.a.port().to_string(),
         &["-t", "edge/health/heartbeat/echo/+"],
     );
-    let mut total = both_serve(nodes.b, &[&on_a.instance, &on_b.instance]);
+    let mut total = serving(nodes.b, &[&on_a.instance, &on_b.instance]);
     for (node, tag) in [(nodes.a, "a"), (nodes.b, "b")] {
         let (by, failed) = requests(node, 1000, tag);
         assert_eq!(
@@ -223,7 +223,7 @@ fn requests_from_both_nodes_are_answered_once_by_instances_on_both() {
 /// Sends batches of 20 requests from `from` until every one of `instances` has answered
 /// one (their shared subscriptions are then in place cluster-wide); every request must be
 /// answered. Returns how many were sent.
-fn both_serve(from: SocketAddr, instances: &[&str]) -> u64 {
+fn serving(from: SocketAddr, instances: &[&str]) -> u64 {
     let deadline = Instant::now() + T;
     let mut total = 0;
     loop {
@@ -300,7 +300,7 @@ fn replies_cross_nodes_to_every_kind_of_caller() {
     let nodes = Nodes::start();
     let pa = nodes.a.port().to_string();
     let on_b = Service::start("echo", nodes.b, &["--instance", "echo-b"]);
-    both_serve(nodes.a, &[&on_b.instance]);
+    serving(nodes.a, &[&on_b.instance]);
 
     let (ok, out) = rr(
         &pa,
@@ -368,7 +368,7 @@ fn errors_dead_letters_deadlines_and_events_cross_nodes() {
     let pa = nodes.a.port().to_string();
     let on_b = Service::start("echo", nodes.b, &["--instance", "echo-b"]);
     let _metrics = Service::start("hostmetrics", nodes.b, &[]);
-    both_serve(nodes.a, &[&on_b.instance]);
+    serving(nodes.a, &[&on_b.instance]);
     let dead = Sub::start(&pa, &["-t", "edge/system/deadletter/echo", "-q", "1"]);
 
     let reply = published(&pa, "edge/echo/echo/error", "{not json");
@@ -515,7 +515,7 @@ fn the_order_saga_runs_and_compensates_across_nodes() {
     let (pa, pb) = (nodes.a.port().to_string(), nodes.b.port().to_string());
     let _orchestrator = part(&["orchestrator"], &cfg, nodes.a);
     let kv = Service::start("kv", nodes.b, &[]);
-    both_serve_kv(nodes.a, &kv.instance);
+    kv_serves(nodes.a, &kv.instance);
 
     let run = start_saga(
         &pb,
@@ -553,7 +553,7 @@ fn the_order_saga_runs_and_compensates_across_nodes() {
 }
 
 /// Waits (bounded) until kv instance `instance` answers a caller on `from`.
-fn both_serve_kv(from: SocketAddr, instance: &str) {
+fn kv_serves(from: SocketAddr, instance: &str) {
     let deadline = Instant::now() + T;
     loop {
         let out = call(from, "kv/stats", "{}");
@@ -581,7 +581,7 @@ fn node_b_lost_and_back() {
     let on_a = Service::start("echo", nodes.a, &["--instance", "echo-a"]);
     let on_b = Service::start("echo", nodes.b, &["--instance", "echo-b"]);
     let both = [on_a.instance.as_str(), on_b.instance.as_str()];
-    both_serve(nodes.a, &both);
+    serving(nodes.a, &both);
     watch.expect(&["update registered", "alert offline→healthy"]);
 
     // A caller connected on A before node B goes.
@@ -654,7 +654,7 @@ fn node_b_lost_and_back() {
     nodes.restart_b();
     eprintln!("node B restarted and joined after {:?}", t0.elapsed());
     online(nodes.a, &both);
-    both_serve(nodes.a, &both);
+    serving(nodes.a, &both);
     if nodes.is_cluster() {
         watch.expect(&["alert unhealthy→healthy"]);
     }

@@ -367,10 +367,14 @@ impl Mosquitto {
         proc
     }
 
-    /// SIGKILLs it, then starts it again on the same port.
-    pub fn kill_and_restart(&mut self) {
+    /// SIGKILLs it and waits for its end.
+    pub fn kill(&mut self) {
         self._proc.signal("KILL");
         self._proc.wait_exit(Duration::from_secs(5));
+    }
+
+    /// Starts it again on the same port, after [`Mosquitto::kill`].
+    pub fn start_again(&mut self) {
         self._proc = Mosquitto::run(&self.dir.0.join("mosquitto.conf"));
     }
 
