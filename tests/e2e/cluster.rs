@@ -465,9 +465,13 @@ fn discovery_and_health_on_node_a_see_instances_on_both_nodes() {
     assert_eq!(rec["state"], "offline", "{rec}");
 
     // SIGSTOP on B: its heartbeats stop crossing; unhealthy, then healthy after SIGCONT.
+    let beats = Sub::start(&pa, &["-t", "edge/health/heartbeat/echo/echo-s"]);
     let stopped = Service::start("echo", nodes.b, &["--instance", "echo-s"]);
     wa.expect(&["echo-s update registered", "echo-s alert offline→healthy"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past its first beats, as seen on A.
+    for _ in 0..2 {
+        beats.next(T).expect("a heartbeat from echo-s on A");
+    }
     let t0 = Instant::now();
     stopped._proc.signal("STOP");
     let seen = wa.expect(&["echo-s alert healthy→unhealthy"]) - t0;
