@@ -436,19 +436,9 @@ fn discovery_and_health_on_node_a_see_instances_on_both_nodes() {
     same_on_both(&nodes, "edge/health/summary");
 
     // The views, from node B: the registry and the health monitor answer from A.
+    let (up, list) = listed_online(nodes.b, "echo");
+    assert_eq!(up, ["echo-a", "echo-b"], "{list}");
     let b = nodes.b.to_string();
-    let out = run_edgebus(&["services", "--json", "--broker", &b], None, T);
-    assert!(out.ok, "{}", out.stderr);
-    let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    let mut online: Vec<&str> = list["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .filter(|i| i["service"] == "echo" && i["state"] == "online")
-        .filter_map(|i| i["instance"].as_str())
-        .collect();
-    online.sort();
-    assert_eq!(online, ["echo-a", "echo-b"], "{list}");
     let out = run_edgebus(&["health", "--json", "--broker", &b], None, T);
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stdout.contains("echo-b"), "{}", out.stdout);
@@ -672,29 +662,36 @@ fn node_b_lost_and_back() {
 fn online(broker: SocketAddr, instances: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = run_edgebus(
-            &["services", "--json", "--broker", &broker.to_string()],
-            None,
-            T,
-        );
-        let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-        let up = list["instances"].as_array().is_some_and(|all| {
-            instances.iter().all(|i| {
-                all.iter()
-                    .any(|r| r["instance"] == *i && r["state"] == "online")
-            })
-        });
-        if up {
+        let (up, list) = listed_online(broker, "echo");
+        if instances.iter().all(|i| up.iter().any(|u| u == i)) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{instances:?} not all online: {} {}",
-            out.stdout,
-            out.stderr
+            "{instances:?} not all online: {list}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The instances of `service` that `edgebus services --json` on `broker` lists online,
+/// sorted, and the whole listing (or the command's error) for a failure message.
+fn listed_online(broker: SocketAddr, service: &str) -> (Vec<String>, String) {
+    let out = run_edgebus(
+        &["services", "--json", "--broker", &broker.to_string()],
+        None,
+        T,
+    );
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    let mut up: Vec<String> = list["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["service"] == service && i["state"] == "online")
+        .filter_map(|i| i["instance"].as_str().map(str::to_owned))
+        .collect();
+    up.sort();
+    (up, format!("{}{}", out.stdout, out.stderr))
 }
 
 /// What each command of the README's `sh cluster` recipe must print (background commands,
